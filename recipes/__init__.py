@@ -1,0 +1,20 @@
+"""Recipes: one distillation method per file (`distill.recipes.<name>`), each with a `Config` dataclass and
+`build(cfg, teacher, dataset, device) -> recipe` (see `distill.trainer.Recipe`). YAML configs sit beside them."""
+
+from __future__ import annotations
+
+import torch
+
+from distill.config import Config, recipe_module, resolve_path
+
+
+def build_recipe(cfg: Config, device: torch.device):
+    """Load the teacher and data named by `cfg` and build its recipe; returns (recipe, dataset)."""
+    from distill.data import make_dataset
+    from distill.denoiser import load_denoiser
+
+    teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction)
+    teacher.to(device)
+    dataset = make_dataset(cfg.data.name, cfg.data.resolution)
+    recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
+    return recipe, dataset

@@ -1,0 +1,102 @@
+"""`distill` command line.
+
+    distill train CONFIG [key=value ...]     train a recipe (also under `accelerate launch -m distill.cli train ...`)
+    distill export RUN_DIR OUT_DIR           write the run's latest EMA student as a stock diffusers pipeline
+    distill demo [--out DIR] [key=value ...] the main job: DMD2 on the bundled digits teacher, export, grid, FD-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from distill.config import ConfigError, load_config
+
+DEMO_CONFIG = "dmd2_digits.yaml"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distill.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    out = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"run directory: {cfg.run.output_dir}")
+        if cfg.export.at_end:
+            print(f"exported pipeline: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distill.trainer import Trainer, latest_checkpoint
+
+    run_dir = Path(args.run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{str(cfg_file)!r} is missing: {str(run_dir)!r} is not a distill run directory")
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"no complete checkpoint under {str(run_dir / 'checkpoints')!r}")
+    cfg = load_config(cfg_file, [f"run.output_dir={run_dir}"])
+    trainer = Trainer(cfg)
+    trainer.load_checkpoint(ckpt)
+    out = trainer.export(args.out_dir)
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from distill.evaluate import compare_teacher_student
+    from distill.trainer import Trainer
+
+    out = Path(args.out)
+    cfg = load_config(DEMO_CONFIG, [f"run.output_dir={out}", *args.overrides])
+    trainer = Trainer(cfg)
+    pipeline_dir = trainer.train()
+    if trainer.accelerator.is_main_process:
+        report = compare_teacher_student(cfg, pipeline_dir, out, teacher_steps=args.teacher_steps)
+        print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Diffusion step distillation on diffusers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe from a YAML config")
+    t.add_argument("config", help="YAML config (a path, or the name of a shipped one such as dmd2_digits.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.critic_steps=5")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("export", help="export a run's EMA student as a stock diffusers pipeline")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
+    e.set_defaults(fn=cmd_export)
+    d = sub.add_parser("demo", help="distill the bundled digits teacher into a one-step student and evaluate it")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--teacher-steps", type=int, default=50)
+    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/dmd2_digits.yaml")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Students leave as stock diffusers pipelines; their training sampler is the pipeline's sampler.
+
+For each export target this module holds (a) the schedule a k-step student visits, exactly as the stock
+pipeline will visit it (recipes train with it, so training and inference timesteps cannot drift apart), and
+(b) the writer of the pipeline folder with a model card that states the exact call.
+
+Targets so far:
+
+* class-conditional pixel-space UNet2DModel under EDM/consistency preconditioning ->
+  `ConsistencyModelPipeline` + `CMStochasticIterativeScheduler` (one step by default; a k-step student is
+  called with `num_inference_steps=k`, which reproduces its trained sigmas exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill.denoiser import Denoiser
+from distill.families import Condition
+from distill.parametrization import EDMProcess
+
+
+@dataclass(frozen=True)
+class StudentSchedule:
+    """Native times a k-step student visits and its re-noising rule between steps (the exported sampler's)."""
+
+    times: Tensor  # (k,), noisiest first
+    sigma_min: float
+    clip_x0: bool = True
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.times.shape[0])
+
+    def t(self, i: int, n: int, device: torch.device) -> Tensor:
+        return self.times[i].to(device).expand(n)
+
+    def start(self, noise: Tensor) -> Tensor:
+        """The input of step 0 (CMStochasticIterativeScheduler: init_noise_sigma = sigma_max)."""
+        return noise * float(self.times[0])
+
+    def renoise(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
+        """The input of step i >= 1 from the previous step's x0 (CMStochasticIterativeScheduler.step)."""
+        sigma = float(self.times[i])
+        return x0 + noise * (sigma**2 - self.sigma_min**2) ** 0.5
+
+
+def _cm_scheduler(process: EDMProcess):
+    from diffusers import CMStochasticIterativeScheduler
+
+    return CMStochasticIterativeScheduler(
+        sigma_min=process.sigma_min, sigma_max=process.sigma_max, sigma_data=process.sigma_data, rho=process.rho
+    )
+
+
+def student_schedule(student: Denoiser, num_steps: int) -> StudentSchedule:
+    """The schedule of `student`'s export target for `num_steps` steps."""
+    if isinstance(student.process, EDMProcess) and student.prediction == "cm":
+        sched = _cm_scheduler(student.process)
+        sched.set_timesteps(num_inference_steps=num_steps)
+        return StudentSchedule(times=torch.as_tensor(sched.sigmas[:num_steps], dtype=torch.float32),
+                               sigma_min=student.process.sigma_min)
+    raise NotImplementedError(
+        f"no export target yet for a {type(student.model).__name__} student with {type(student.process).__name__} "
+        f"and prediction {student.prediction!r}")
+
+
+def rollout(
+    student: torch.nn.Module,
+    schedule: StudentSchedule,
+    cond: Condition,
+    noise: Tensor,
+    steps: int | None = None,
+) -> Tensor:
+    """x0 after `steps` (default: all) student steps; the caller decides about gradients (torch.no_grad)."""
+    steps = schedule.num_steps if steps is None else steps
+    n = noise.shape[0]
+    x = schedule.start(noise)
+    x0 = x
+    for i in range(steps):
+        if i > 0:
+            x = schedule.renoise(x0, i, torch.randn_like(x0))
+        x0 = student(x, schedule.t(i, n, x.device), cond)
+        if schedule.clip_x0:
+            x0 = x0.clamp(-1, 1)
+    return x0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing the pipeline folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; an existing one is swapped out first, then removed."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _unet_without_null_class(unet):
+    """A copy of a class-conditional UNet2DModel without its last (null, CFG-only) class embedding row, so the
+    stock pipeline's default random labels are always real classes."""
+    from diffusers import UNet2DModel
+
+    n = unet.config.num_class_embeds
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config["num_class_embeds"] = n - 1
+    trimmed = UNet2DModel.from_config(config)
+    state = unet.state_dict()
+    state["class_embedding.weight"] = state["class_embedding.weight"][: n - 1]
+    trimmed.load_state_dict(state)
+    return trimmed
+
+
+def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, config: Any = None,
+                    drop_null_class: bool = True) -> Path:
+    """Write `student` as a stock diffusers pipeline folder into `out_dir` (atomically) with a model card."""
+    from diffusers import ConsistencyModelPipeline, UNet2DModel
+
+    out_dir = Path(out_dir)
+    if not (isinstance(student.process, EDMProcess) and student.prediction == "cm" and isinstance(student.model, UNet2DModel)):
+        raise NotImplementedError(
+            f"no stock pipeline target for a {type(student.model).__name__} student with "
+            f"{type(student.process).__name__}/{student.prediction!r} yet")
+    unet = student.model
+    if drop_null_class and unet.config.num_class_embeds is not None:
+        unet = _unet_without_null_class(unet)
+    unet = unet.to("cpu", torch.float32).eval()
+    pipe = ConsistencyModelPipeline(unet=unet, scheduler=_cm_scheduler(student.process))
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    sigmas = student_schedule(student, num_steps).times.tolist()
+    call = "pipe(class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(class_labels=[0, 1, 2, 3], num_inference_steps={num_steps})"
+    meta = {"num_inference_steps": num_steps, "trained_sigmas": sigmas, "guidance": "none (CFG was distilled in)",
+            "recipe": getattr(config, "recipe_name", None)}
+    (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "README.md").write_text(
+        "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags: [distill, consistency]\n---\n\n"
+        f"# {num_steps}-step distilled student\n\n"
+        f"Distilled with `distill` ({meta['recipe']}). A stock `ConsistencyModelPipeline`; no custom code.\n\n"
+        "```python\nfrom diffusers import DiffusionPipeline\n\n"
+        f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+        f"images = {call}.images\n```\n\n"
+        f"- steps: {num_steps} (the trained sigmas {['%.4g' % s for s in sigmas]} are what "
+        f"`num_inference_steps={num_steps}` gives)\n"
+        "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n"
+        f"- classes: 0..{unet.config.num_class_embeds - 1}" + (" (omit `class_labels` for random classes)\n" if unet.config.num_class_embeds else "\n")
+    )
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def student_from_teacher(teacher: Denoiser) -> Denoiser:
+    """A trainable copy of the teacher whose output kind is the export target's (EDM teacher -> "cm")."""
+    student = teacher.copy(trainable=True)
+    if isinstance(teacher.process, EDMProcess):
+        student.prediction = "cm"
+    return student

@@ -1,0 +1,205 @@
+"""DMD2: improved distribution matching distillation (Yin et al. 2024, arXiv 2405.14867).
+
+A one- or few-step generator G is trained so that its output distribution matches the teacher's. Re-noising a
+generated x at a random level t, the gradient of the reverse KL is the difference of two scores; in x0 form
+(DMD eq. 7 / DMD2 sec. 4) it is  grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|,
+normalised per sample. x0_real is the frozen teacher with classifier-free guidance (CFG on the teacher only);
+x0_fake is a trainable copy of the teacher (the "fake score") fitted to the generator's current samples by
+ordinary denoising on detached samples. DMD2 drops DMD's regression loss and adds:
+
+* two time-scale updates: `trainer.critic_steps` fake-score updates per generator update (sec. 4.2);
+* an optional GAN head on the fake score's bottleneck features, trained with non-saturating losses against
+  real images (sec. 4.3);
+* multi-step students trained with backward simulation: the input of step i is made by the student's own
+  i-step rollout without gradient, exactly as its exported pipeline samples (sec. 4.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.config import Config as RunConfig
+from distill.denoiser import Denoiser
+from distill.export import rollout, student_from_teacher, student_schedule
+from distill.families import Condition
+from distill.parametrization import add_noise
+from distill.trainer import Batch, frozen, unwrap
+
+
+@dataclass
+class Config:
+    #: noise levels for the DMD gradient and fake-score loss, in unit time (DMD2: t ~ U[0.02 T, 0.98 T]).
+    min_t: float = 0.02
+    max_t: float = 0.98
+    dmd_weight: float = 1.0
+    #: the GAN head on the fake score's bottleneck features (weights as in DMD2's SDXL runs).
+    gan: bool = False
+    gan_generator_weight: float = 5e-3
+    gan_critic_weight: float = 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses (pure functions; tested against closed forms on Gaussian toys)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """Per-sample normalised DMD gradient (DMD2 sec. 3, following DMD eq. 8):
+    (x0_fake - x0_real) / mean_dims |x - x0_real|. Pass detached estimates."""
+    dims = tuple(range(1, x.ndim))
+    norm = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    return (x0_fake - x0_real) / norm
+
+
+def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """Per-sample 0.5 ||x - sg(x - grad)||^2 / D, whose gradient in x is grad / D."""
+    dims = tuple(range(1, x.ndim))
+    return 0.5 * (x - (x - grad).detach()).pow(2).mean(dim=dims)
+
+
+def denoising_loss(native_pred: Tensor, native_target: Tensor) -> Tensor:
+    """Per-sample MSE in the network's own output space (for EDM this is EDM's lambda(sigma)-weighted loss)."""
+    return (native_pred - native_target).pow(2).flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The critic: fake score plus optional GAN head, one forward pass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GANHead(nn.Module):
+    """A small classifier on bottleneck features (N, C, h, w) -> one logit per sample."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = 8 if channels % 8 == 0 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
+        )
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.net(feats.float()).squeeze(1)
+
+
+class FakeScore(nn.Module):
+    """The trainable critic: a copy of the teacher, and (with GAN) a head on its features."""
+
+    def __init__(self, denoiser: Denoiser, gan: bool):
+        super().__init__()
+        self.denoiser = denoiser
+        self.head = GANHead(denoiser.family.feature_channels(denoiser.model)) if gan else None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Condition) -> tuple[Tensor, Tensor | None]:
+        """(x0 estimate, GAN logits or None) from a single pass (DDP needs one forward per backward)."""
+        if self.head is None:
+            return self.denoiser(x_t, t, cond), None
+        x0, feats = self.denoiser.with_features(x_t, t, cond)
+        return x0, self.head(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DMD2:
+    def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int, image_shape: tuple[int, ...]):
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.guidance_scale = guidance_scale
+        self.image_shape = image_shape
+        self.generator = student_from_teacher(teacher)  # student, initialised from the teacher
+        self.critic = FakeScore(teacher.copy(trainable=True), gan=cfg.gan)  # fake score, also from the teacher
+        self.schedule = student_schedule(self.generator, num_steps)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _sample_t(self, n: int, device: torch.device) -> Tensor:
+        u = torch.rand(n, device=device) * (self.cfg.max_t - self.cfg.min_t) + self.cfg.min_t
+        return self.teacher.process.from_unit(u)
+
+    def _student_output(self, cond: Condition, n: int, device: torch.device, grad: bool) -> Tensor:
+        """x0 from a uniformly chosen student step; earlier steps are the student's own rollout, without
+        gradient (backward simulation, DMD2 sec. 4.4). With grad, the last call goes through the wrapped
+        (DDP) generator so its gradients are synchronised."""
+        sched = self.schedule
+        noise = torch.randn((n, *self.image_shape), device=device)
+        i = int(torch.randint(0, sched.num_steps, ()).item())
+        with torch.no_grad():
+            if i == 0:
+                x = sched.start(noise)
+            else:
+                x0_prev = rollout(unwrap(self.generator), sched, cond, noise, steps=i)
+                x = sched.renoise(x0_prev, i, torch.randn_like(x0_prev))
+        if grad:
+            return self.generator(x, sched.t(i, n, device), cond)
+        with torch.no_grad():
+            return unwrap(self.generator)(x, sched.t(i, n, device), cond)
+
+    # -- the two updates -------------------------------------------------------------------------------------
+    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        cond = batch.cond
+        n = next(iter(cond.values())).shape[0]
+        device = next(iter(cond.values())).device
+        x = self._student_output(cond, n, device, grad=True)
+        t = self._sample_t(n, device)
+        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        with torch.no_grad():
+            x0_real = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
+            x0_fake = unwrap(self.critic).denoiser(x_t.detach(), t, cond)
+            grad = dmd_gradient(x.detach(), x0_real, x0_fake)
+        loss_dmd = dmd_loss(x, grad).mean()
+        loss = self.cfg.dmd_weight * loss_dmd
+        logs = {"dmd_loss": loss_dmd.item(), "dmd_grad_abs": grad.abs().mean().item()}
+        if self.cfg.gan:
+            with frozen(self.critic) as critic:
+                _, logits = critic(x_t, t, cond)  # gradient reaches x through the frozen critic
+            loss_gan = F.softplus(-logits).mean()  # non-saturating generator loss
+            loss = loss + self.cfg.gan_generator_weight * loss_gan
+            logs["gan_loss"] = loss_gan.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        cond = batch.cond
+        n = next(iter(cond.values())).shape[0]
+        device = next(iter(cond.values())).device
+        x = self._student_output(cond, n, device, grad=False)  # detached generator samples
+        t = self._sample_t(n, device)
+        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        if self.cfg.gan:
+            if batch.images is None:
+                raise ValueError("dmd2 with gan: true needs real images in the data batch")
+            t_real = self._sample_t(n, device)
+            x_t_real = add_noise(self.teacher.process, batch.images, torch.randn_like(batch.images), t_real)
+            both_cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+            x0_hat, logits = self.critic(torch.cat([x_t, x_t_real]), torch.cat([t, t_real]), both_cond)
+            x0_hat, (logits_fake, logits_real) = x0_hat[:n], logits.chunk(2)
+        else:
+            x0_hat, _ = self.critic(x_t, t, cond)
+        fake_score = unwrap(self.critic).denoiser
+        loss_denoise = denoising_loss(fake_score.to_native(x0_hat, x_t, t), fake_score.to_native(x, x_t, t)).mean()
+        loss = loss_denoise
+        logs = {"denoise_loss": loss_denoise.item()}
+        if self.cfg.gan:
+            loss_gan = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+            loss = loss + self.cfg.gan_critic_weight * loss_gan
+            logs["gan_loss"] = loss_gan.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
+        return rollout(generator, self.schedule, cond, noise)
+
+
+def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DMD2:
+    recipe = DMD2(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
+    recipe.critic.to(device)
+    recipe.generator.to(device)
+    return recipe
