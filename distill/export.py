@@ -139,7 +139,7 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     unet = student.model
     if drop_null_class and unet.config.num_class_embeds is not None:
         unet = _unet_without_null_class(unet)
-    unet = unet.to("cpu", torch.float32).eval()
+    unet = unet.to("cpu").eval()
     pipe = ConsistencyModelPipeline(unet=unet, scheduler=_cm_scheduler(student.process))
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
@@ -147,7 +147,7 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     sigmas = student_schedule(student, num_steps).times.tolist()
-    call = "pipe(class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(class_labels=[0, 1, 2, 3], num_inference_steps={num_steps})"
+    call = "pipe(batch_size=4, class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_inference_steps={num_steps})"
     meta = {"num_inference_steps": num_steps, "trained_sigmas": sigmas, "guidance": "none (CFG was distilled in)",
             "recipe": getattr(config, "recipe_name", None)}
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
