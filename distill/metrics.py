@@ -1,0 +1,274 @@
+"""FD-digits: a Fréchet distance in the feature space of a small digits classifier, and that classifier.
+
+FD-digits is NOT Inception FID. It uses the 64 penultimate features of a ~50k-parameter CNN trained on
+scikit-learn's 1,797 digits at 16x16 (shipped in `distill/assets/digits_classifier/`, trained by
+`scripts/train_digits_classifier.py`), not Inception-v3 pool3 features of 299x299 photographs. Its values
+are on a different scale and must never be compared with, or reported as, FIDs from papers.
+
+Protocol (see docs/fd_digits.md): `split_halves(1797, seed=0)` gives half A (899 real images), the reference
+set, and half B (898 real images). A figure is computed from exactly 898 images against half A; the floor is
+half B against half A ("real against real at the same count"). Fréchet distances are biased by the sample
+count, so only figures at that count against that reference are comparable, and the floor goes beside them.
+
+    judge = FDDigits(resolution=16)
+    judge.floor()                      # real vs real at the protocol count
+    judge(generated)                   # (898, 1, 16, 16) floats in [-1, 1]
+    judge.accuracy(generated, labels)  # for class-conditional students
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill.data import NUM_DIGIT_CLASSES, load_digits, split_halves
+
+DIGITS_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "digits_classifier"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# The protocol: reference = half A of split_halves(1797, seed=0) (899 images); figures use 898 images.
+PROTOCOL_SPLIT_SEED = 0
+NUM_DIGITS = 1797
+PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN for (N, 1, R, R) digits in [-1, 1]: two conv blocks, a `num_features`-wide feature layer, a head.
+
+    `features(x)` returns the penultimate features used by FD-digits (GELU, not ReLU: no unit dies and the
+    feature covariance keeps full rank); `forward(x)` returns logits.
+    The constructor arguments are exactly what `config.json` stores.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 16,
+        channels: tuple[int, int] = (16, 32),
+        num_features: int = 64,
+        num_classes: int = NUM_DIGIT_CLASSES,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if resolution % 4 != 0:
+            raise ValueError(f"DigitsClassifier resolution must be a multiple of 4, got {resolution}")
+        c1, c2 = channels
+        self.resolution = resolution
+        self.num_features = num_features
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.feature = nn.Linear(c2 * (resolution // 4) ** 2, num_features)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features, (N, num_features)."""
+        return F.gelu(self.feature(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits, (N, num_classes)."""
+        return self.head(self.dropout(self.features(x)))
+
+
+def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
+    """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"digits classifier file missing: {file} (train it with scripts/train_digits_classifier.py)"
+            )
+    try:
+        config = json.loads(config_file.read_text())
+        config["channels"] = tuple(config["channels"])
+        model = DigitsClassifier(**config)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed digits classifier config {config_file}: {err}") from err
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"malformed digits classifier weights {weights_file}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights {weights_file} do not match config {config_file}: {err}") from err
+    return model.eval()
+
+
+class DigitsFeatureNet(nn.Module):
+    """Feature extractor for torchmetrics' `FrechetInceptionDistance(feature=...)`: classifier features as float64.
+
+    Takes float images (N, 1, R, R) in [-1, 1]. torchmetrics 1.9.0 passes a custom module's input through
+    unchanged (its `normalize` flag only converts images for the built-in Inception), reads `num_features`
+    instead of probing the module with a dummy uint8 image (so `input_img_size` is unused), accumulates
+    float64 statistics, and casts the final distance to the feature dtype: returning float64 features keeps
+    the distance in float64. Never leaves eval mode; parameters are frozen.
+    """
+
+    def __init__(self, classifier: DigitsClassifier | None = None) -> None:
+        super().__init__()
+        self.classifier = (classifier if classifier is not None else load_digits_classifier()).eval()
+        self.classifier.requires_grad_(False)
+        self.num_features = self.classifier.num_features
+        self.resolution = self.classifier.resolution
+
+    def train(self, mode: bool = True) -> DigitsFeatureNet:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.resolution)
+        return self.classifier.features(images.float()).double()
+
+
+def check_images(images: torch.Tensor, resolution: int = 16, count: int | None = None) -> None:
+    """Raise ValueError unless `images` is a float tensor of shape (count or any, 1, resolution, resolution)."""
+    expected = f"({count if count is not None else 'N'}, 1, {resolution}, {resolution})"
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor of shape {expected}, got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.ndim != 4 or shape[1:] != (1, resolution, resolution) or (count is not None and shape[0] != count):
+        raise ValueError(f"expected images of shape {expected}, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"expected float images in [-1, 1], got dtype {images.dtype} (uint8 in [0, 255]? use x / 127.5 - 1)"
+        )
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf")
+
+
+def _frechet_distance(
+    feature_net: DigitsFeatureNet, images: torch.Tensor, reference: torch.Tensor, batch_size: int
+) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=feature_net).to(next(feature_net.parameters()).device)
+    for start in range(0, len(reference), batch_size):
+        fid.update(reference[start : start + batch_size], real=True)
+    for start in range(0, len(images), batch_size):
+        fid.update(images[start : start + batch_size], real=False)
+    return float(fid.compute())
+
+
+def fd_digits(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    batch_size: int = 512,
+    feature_net: DigitsFeatureNet | None = None,
+) -> float:
+    """FD-digits (NOT Inception FID) between two sets of (N, 1, 16, 16) float images in [-1, 1], any counts >= 2.
+
+    Images are clamped to [-1, 1] (as saving to PNG would). This is the raw distance with no protocol: figures
+    are only comparable at the same count against the same reference, so prefer `FDDigits` for reporting.
+    """
+    feature_net = feature_net if feature_net is not None else DigitsFeatureNet()
+    device = next(feature_net.parameters()).device
+    for name, x in (("images", images), ("reference", reference)):
+        check_images(x, feature_net.resolution)
+        if len(x) < 2:
+            raise ValueError(f"{name} needs at least 2 images for a covariance, got shape {tuple(x.shape)}")
+    images, reference = (x.to(device).clamp(-1.0, 1.0) for x in (images, reference))
+    return _frechet_distance(feature_net, images, reference, batch_size)
+
+
+def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0)."""
+    images, _ = load_digits(resolution)
+    half_a, half_b = split_halves(len(images), seed=PROTOCOL_SPLIT_SEED)
+    return images[half_a], images[half_b]
+
+
+class ClassifierScore(NamedTuple):
+    accuracy: float  # fraction whose argmax class is the intended label
+    confidence: float  # mean softmax probability of the intended label
+
+
+class FDDigits:
+    """The FD-digits judge (NOT Inception FID; not comparable to paper FIDs).
+
+    Reference: half A (899 real digits). `judge(images)` needs exactly `judge.count` = 898 images so every
+    figure has the same sample-count bias as `judge.floor()` (half B against half A); any other count raises.
+    Reference statistics are computed once and cached.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 16,
+        classifier: DigitsClassifier | None = None,
+        batch_size: int = 512,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.feature_net = DigitsFeatureNet(classifier).to(device)
+        if resolution != self.feature_net.resolution:
+            raise ValueError(
+                f"FD-digits classifier works at resolution {self.feature_net.resolution}, got resolution={resolution}"
+            )
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.reference, self.held_out = protocol_halves(resolution)
+        self.count = len(self.held_out)  # 898
+        self._floor: float | None = None
+        # reset_real_features=False: reset() clears only the generated-side statistics.
+        self._fid = FrechetInceptionDistance(feature=self.feature_net, reset_real_features=False).to(self.device)
+        for start in range(0, len(self.reference), batch_size):
+            self._fid.update(self.reference[start : start + batch_size].to(self.device), real=True)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """FD-digits of exactly `self.count` (898) float images (N, 1, 16, 16) in [-1, 1] against half A.
+
+        Images are clamped to [-1, 1] (as saving to PNG would).
+        """
+        check_images(images, self.resolution, count=self.count)
+        images = images.to(self.device).clamp(-1.0, 1.0)
+        self._fid.reset()
+        for start in range(0, len(images), self.batch_size):
+            self._fid.update(images[start : start + self.batch_size], real=False)
+        return float(self._fid.compute())
+
+    def floor(self) -> float:
+        """Real against real at the protocol count: half B (898) against half A (899)."""
+        if self._floor is None:
+            self._floor = self(self.held_out)
+        return self._floor
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> ClassifierScore:
+        """How often the classifier recognises the intended `labels` in (N, 1, 16, 16) images (any N)."""
+        check_images(images, self.resolution)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if tuple(labels.shape) != (len(images),):
+            raise ValueError(f"expected labels of shape ({len(images)},), got {tuple(labels.shape)}")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < NUM_DIGIT_CLASSES):
+            low, high = int(labels.min()), int(labels.max())
+            raise ValueError(f"labels must be in [0, {NUM_DIGIT_CLASSES}), got range [{low}, {high}]")
+        classifier = self.feature_net.classifier
+        logits = torch.cat([
+            classifier(images[start : start + self.batch_size].to(self.device).float().clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+        probs = logits.softmax(dim=-1)
+        correct = (probs.argmax(dim=-1) == labels).double().mean()
+        confidence = probs.gather(1, labels[:, None]).double().mean()
+        return ClassifierScore(accuracy=float(correct), confidence=float(confidence))
+
+
+def fd_digits_floor(resolution: int = 16) -> float:
+    """The protocol floor: FD-digits of half B (898 real images) against half A (899)."""
+    return FDDigits(resolution=resolution).floor()
