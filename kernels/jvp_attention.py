@@ -371,7 +371,7 @@ def _normalize_mask(attn_mask: torch.Tensor | None, b: int, h: int, lq: int, lk:
     return mask, 2
 
 
-def _check_inputs(q, k, v, tq, tk, tv, enable_gqa: bool) -> None:
+def _check_inputs(q, k, v, tq, tk, tv, enable_gqa: bool, attn_mask=None, is_causal: bool = False) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"query, key, value must be 4-D (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -394,6 +394,10 @@ def _check_inputs(q, k, v, tq, tk, tv, enable_gqa: bool) -> None:
     for name, t, ref in (("tangent of query", tq, q), ("tangent of key", tk, k), ("tangent of value", tv, v)):
         if t is not None and t.shape != ref.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    if attn_mask is not None:
+        _normalize_mask(attn_mask, b, h, q.shape[2], k.shape[2])  # raises on a shape or dtype it cannot use
+        if is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as F.scaled_dot_product_attention)")
 
 
 def _launch_triton(q, k, v, tq, tk, tv, attn_mask, is_causal: bool, scale: float, interpret: bool,
@@ -534,9 +538,7 @@ def attention_jvp(
 
     Returns (O, tO, LSE); tO is None when no tangent is given. Missing tangents count as zero.
     """
-    _check_inputs(q, k, v, tq, tk, tv, enable_gqa)
-    if attn_mask is not None and is_causal:
-        raise ValueError("pass either attn_mask or is_causal=True, not both (as F.scaled_dot_product_attention)")
+    _check_inputs(q, k, v, tq, tk, tv, enable_gqa, attn_mask, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     chosen = select_backend(q.device, q.dtype, backend)
     return _attention_forward(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, chosen)
@@ -650,9 +652,7 @@ def scaled_dot_product_attention(
     if dropout_p != 0.0:
         raise ValueError(f"jvp attention does not support dropout (dropout_p={dropout_p}); use dropout_p=0.0")
     tq, tk, tv = _tangent(query), _tangent(key), _tangent(value)
-    _check_inputs(query, key, value, tq, tk, tv, enable_gqa)
-    if attn_mask is not None and is_causal:
-        raise ValueError("pass either attn_mask or is_causal=True, not both (as F.scaled_dot_product_attention)")
+    _check_inputs(query, key, value, tq, tk, tv, enable_gqa, attn_mask, is_causal)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     chosen = select_backend(query.device, query.dtype, backend)
     o, _, _ = JVPAttentionFunction.apply(query, key, value, tq, tk, tv, attn_mask, bool(is_causal), scale,
