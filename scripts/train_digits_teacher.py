@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--p-std", type=float, default=1.2)
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     images, labels = load_digits(args.resolution)
