@@ -154,13 +154,16 @@ class Trainer:
         has_critic = self.recipe.critic is not None
         if has_critic:
             self.critic_opt, self.critic_sched = self._optimizer(self.recipe.critic, cfg.trainer.critic)
-            (self.recipe.generator, self.recipe.critic, self.generator_opt, self.critic_opt, self.generator_sched,
-             self.critic_sched) = acc.prepare(self.recipe.generator, self.recipe.critic, self.generator_opt,
-                                              self.critic_opt, self.generator_sched, self.critic_sched)
+            self.recipe.generator, self.recipe.critic, self.generator_opt, self.critic_opt = acc.prepare(
+                self.recipe.generator, self.recipe.critic, self.generator_opt, self.critic_opt)
         else:
             self.critic_opt = self.critic_sched = None
-            self.recipe.generator, self.generator_opt, self.generator_sched = acc.prepare(
-                self.recipe.generator, self.generator_opt, self.generator_sched)
+            self.recipe.generator, self.generator_opt = acc.prepare(self.recipe.generator, self.generator_opt)
+        # Schedulers are not prepared (accelerate would step them once per process); they count updates and are
+        # checkpointed as custom state.
+        for sched in (self.generator_sched, self.critic_sched):
+            if sched is not None:
+                acc.register_for_checkpointing(sched)
 
         from diffusers.training_utils import EMAModel
 
