@@ -585,7 +585,8 @@ class JVPAttentionFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, gq, gk, gv, *unused):
         if ctx.fused_tangent is not None:  # computed in the same pass as O
-            return ctx.fused_tangent, None, None
+            to, ctx.fused_tangent = ctx.fused_tangent, None  # do not keep it alive until backward
+            return to, None, None
         q, k, v, attn_mask = ctx.saved_tensors
         is_causal, scale, _, backend = ctx.options
         if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (gq, gk, gv)):

@@ -329,3 +329,20 @@ def test_float64_runs_on_torch_path():
     ro, rto = jvp_reference(q, k, v, tq, tk, tv)
     torch.testing.assert_close(o, ro, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(to, rto, rtol=1e-12, atol=1e-12)
+
+
+def test_benchmark_script_cpu_smoke(tmp_path, capsys):
+    """The benchmark imports the same reference and runs end to end on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_jvp_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_jvp_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.md"
+    bench.main(["--cpu-smoke", "--seqs", "33", "--head-dims", "40", "--out", str(out)])
+    text = out.read_text()
+    assert "| 40 | 33 |" in text and "kernel" in text and "math-jvp" in text
+    errors = [float(line.split("|")[-2]) for line in text.splitlines() if "| kernel |" in line]
+    assert errors and all(e < 1e-5 for e in errors)
