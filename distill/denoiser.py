@@ -122,8 +122,13 @@ def process_from_scheduler_config(config: dict) -> tuple[Process, str]:
         )
         return proc, "cm"
     if name.startswith("FlowMatch"):
-        mu = None
-        return FlowProcess(shift=float(config.get("shift", 1.0)), mu=mu), "flow"
+        if config.get("use_dynamic_shifting"):
+            # The shift depends on the image size (mu from the token count): the model family sets `mu`
+            # (see parametrization.flow_shift_mu) once it knows the resolution.
+            raise NotImplementedError(
+                f"{name} with use_dynamic_shifting=True needs a resolution-dependent mu; set it through the model "
+                "family (not supported for this family yet)")
+        return FlowProcess(shift=float(config.get("shift", 1.0))), "flow"
     if name == "SCMScheduler":
         return TrigFlowProcess(sigma_data=float(config.get("sigma_data", 0.5))), "trigflow"
     if "beta_schedule" in config or name in {"DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"}:
@@ -163,7 +168,7 @@ def load_denoiser(
             raise FileNotFoundError(f"no 'unet/config.json' or 'transformer/config.json' under {str(root)!r}")
     model_config = json.loads((root / subfolder / "config.json").read_text())
     class_name = model_config.get("_class_name")
-    model_cls = getattr(diffusers, class_name, None)
+    model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if model_cls is None:
         raise ValueError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
     model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
