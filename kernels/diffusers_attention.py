@@ -113,7 +113,11 @@ class ContiguousGroupNorm(TorchFunctionMode):
 def _native_diffusers_dispatch() -> Iterator[None]:
     """Pin diffusers' attention dispatcher to its native (SDPA) backend, if diffusers is installed."""
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _AttentionBackendRegistry,
+            attention_backend,
+        )
     except ImportError:  # pragma: no cover - diffusers is a dependency, but the kernel does not need it
         yield
         return

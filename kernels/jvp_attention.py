@@ -255,8 +255,9 @@ _GPU_CONFIGS = [
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose tiles cannot fit for large head dims (keeps compile time down)."""
-    d = max(named_args.get("BLOCK_DQK", kwargs.get("BLOCK_DQK", 64)), named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV", 64)))
-    lq = named_args.get("Lq", 1 << 30)
+    meta = {**named_args, **kwargs}
+    d = max(meta.get("BLOCK_DQK", 64), meta.get("BLOCK_DV", 64))
+    lq = meta.get("Lq", 1 << 30)
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -354,7 +355,8 @@ def select_backend(device: torch.device | str, dtype: torch.dtype = torch.float3
     return choice
 
 
-def _normalize_mask(attn_mask: torch.Tensor | None, b: int, h: int, lq: int, lk: int) -> tuple[torch.Tensor | None, int]:
+def _normalize_mask(attn_mask: torch.Tensor | None, b: int, h: int, lq: int,
+                    lk: int) -> tuple[torch.Tensor | None, int]:
     """Broadcast the mask to (B, H, Lq, Lk) (a stride-0 view) and return (mask, MASK_KIND)."""
     if attn_mask is None:
         return None, 0
@@ -494,11 +496,12 @@ def _torch_attention_jvp(q, k, v, tq, tk, tv, attn_mask, is_causal: bool, scale:
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
     e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    l_safe = torch.where(l == 0, torch.ones_like(l), l)
-    p = e / l_safe  # P = softmax(S); rows with nothing visible stay 0
+    denom = e.sum(-1, keepdim=True)
+    denom_safe = torch.where(denom == 0, torch.ones_like(denom), denom)
+    p = e / denom_safe  # P = softmax(S); rows with nothing visible stay 0
     o = p @ vf
-    lse = torch.where(l[..., 0] == 0, torch.full_like(l[..., 0], float("-inf")), (m + l_safe.log())[..., 0])
+    lse = torch.where(denom[..., 0] == 0, torch.full_like(denom[..., 0], float("-inf")),
+                      (m + denom_safe.log())[..., 0])
     to = None
     if tq is not None or tk is not None or tv is not None:
         ts = torch.zeros_like(s)
@@ -575,7 +578,7 @@ class JVPAttentionFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, backend = inputs
-        o, to, lse = output
+        _, to, lse = output
         ctx.mark_non_differentiable(to, lse)
         ctx.save_for_backward(q, k, v, attn_mask)
         ctx.save_for_forward(q, k, v, attn_mask)

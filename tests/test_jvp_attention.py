@@ -1,27 +1,29 @@
 """Tests for the fused attention + JVP kernel against the float64 reference (kernels/jvp_attention_reference.py).
 
-The Triton kernel runs under Triton's CPU interpreter ("interpret" backend); the kernel avoids jitted standard
-library helpers, so this works whether or not triton was imported with TRITON_INTERPRET=1 first. We still set it
-for any Triton code that a test process imports after this module.
+The Triton kernel runs under Triton's CPU interpreter: each test sets TRITON_INTERPRET=1 (a fixture, undone
+afterwards, so other test modules are not affected) and most also name the backend. The kernel avoids Triton's
+jitted standard-library helpers, so the interpreter works even when triton was imported before the variable was
+set (other test modules import diffusers, which imports triton, at collection time).
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.autograd.forward_ad as fwAD  # noqa: E402
-
-from distill.kernels import jvp_attention as J  # noqa: E402
-from distill.kernels.jvp_attention_reference import (  # noqa: E402
+from distill.kernels import jvp_attention as J
+from distill.kernels.jvp_attention_reference import (
     attention_reference,
     jvp_closed_form,
     jvp_reference,
     math_path_jvp,
 )
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 BACKENDS = ["interpret", "torch"] if J._HAS_TRITON else ["torch"]
 # Norm-wise relative error bounds per dtype (the output is rounded to the dtype: bf16 has 8 bits of mantissa).

@@ -1,25 +1,23 @@
 """Whole-model tests: tiny random diffusers models of each family, JVP through `jvp_attention()` (Triton kernel
 under the interpreter) against `torch.func.jvp` of the same model on PyTorch's MATH SDPA backend."""
 
-import os
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+from distill.kernels import jvp_attention as J
+from distill.kernels.diffusers_attention import ContiguousGroupNorm, enable_jvp_attention, jvp_attention
 
 diffusers = pytest.importorskip("diffusers")
 
-from distill.kernels import jvp_attention as J  # noqa: E402
-from distill.kernels.diffusers_attention import (  # noqa: E402
-    ContiguousGroupNorm,
-    enable_jvp_attention,
-    jvp_attention,
-)
-
 BACKEND = "interpret" if J._HAS_TRITON else "torch"
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    """Run the Triton kernel under the CPU interpreter (undone after each test)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 B = 2
 
 
@@ -138,7 +136,7 @@ def test_model_jvp_matches_math_backend(family):
 
 
 def test_enable_jvp_attention_hooks_and_remove():
-    model, x, t_max, fn = _dit(torch.Generator().manual_seed(0))
+    model, x, _, fn = _dit(torch.Generator().manual_seed(0))
     model.eval()
     t = torch.tensor([300.0, 700.0])
     tx, tt = torch.randn_like(x), torch.ones_like(t)
@@ -162,7 +160,7 @@ def test_enable_jvp_attention_hooks_and_remove():
 
 def test_training_step_primal_kernel_backward_matches():
     """primal="kernel": the forward runs the kernel too, and gradients come from PyTorch's attention backward."""
-    model, x, t_max, fn = _sd3(torch.Generator().manual_seed(0))
+    model, x, _, fn = _sd3(torch.Generator().manual_seed(0))
     t = torch.tensor([300.0, 700.0])
     with jvp_attention(backend=BACKEND, primal="kernel") as mode:
         fn(x, t).square().mean().backward()
