@@ -17,12 +17,14 @@ O = acc / l and tO = tacc / l - (rsum / l) O.  That is six matrix products per k
 floor is about 3x a flash forward; memory is linear in the sequence length (nothing of size Lq x Lk is stored).
 
 Supported: float32 / float16 / bfloat16 inputs with float32 accumulation (bf16/fp16 operands go to tl.dot as is,
-the probabilities are rounded to V's dtype before the P V products, as in flash attention; float32 uses IEEE dots
-unless `torch.backends.cuda.matmul.allow_tf32` is set); any head dim (padded inside the kernel to the next power
-of two >= 16 with masks, so 40, 80, 160 work) and a value head dim that may differ from the query one; any
-sequence lengths >= 1 including odd ones and Lq != Lk; grouped-query attention (`enable_gqa`); a boolean or
-additive attention mask broadcastable to (B, H, Lq, Lk) as `F.scaled_dot_product_attention` accepts; causal
-masking aligned top-left like PyTorch's `is_causal`; a softmax scale.  Fully masked rows give O = tO = 0 (as
+the probabilities are rounded to V's dtype before the P V products, as in flash attention; float32 runs the
+compiled kernel with tf32 dots when `torch.backends.cuda.matmul.allow_tf32` is set and the PyTorch path otherwise,
+because Triton 3.9's LLVM aborts on this kernel's IEEE fp32 dots; the interpreter uses exact fp32 dots); any
+head dim (padded inside the kernel to the next power of two >= 16 with masks, so 40, 80, 160 work) and a value
+head dim that may differ from the query one; any sequence lengths >= 1 including odd ones and Lq != Lk;
+grouped-query attention (`enable_gqa`); a boolean or additive attention mask broadcastable to (B, H, Lq, Lk) as
+`F.scaled_dot_product_attention` accepts; causal masking aligned top-left like PyTorch's `is_causal`; a softmax
+scale.  Fully masked rows give O = tO = 0 (as
 PyTorch's SDPA does) and LSE = -inf.  A primal-only launch (no tangents) uses the same kernel with constexpr flags.
 No dropout.  Float64 inputs, and CPU tensors when the interpreter is not requested, take the plain PyTorch path.
 
@@ -36,8 +38,10 @@ memory stays linear) and call autograd on it.  The tangent output is not differe
 gradient).  Nested forward AD (jvp of jvp) is not supported.
 
 Measured: accuracy under TRITON_INTERPRET=1 on CPU against the float64 reference in
-`jvp_attention_reference.py` (see docs/jvp_attention.md).  GPU speed and memory: not measured yet; run
-`python scripts/bench_jvp_attention.py` on a GPU (docs/jvp_attention_benchmark.md).
+`jvp_attention_reference.py` (see docs/jvp_attention.md).  Compiled offline for sm_90a with Triton 3.9 (no GPU:
+every dtype / mask / causal / tangent variant compiles to a cubin; register spills per config noted at the
+autotune table).  GPU speed and memory: not measured yet; run `python scripts/bench_jvp_attention.py` on a GPU
+(docs/jvp_attention_benchmark.md).
 """
 
 from __future__ import annotations
@@ -240,32 +244,34 @@ if _HAS_TRITON:
 # Autotune configs (compiled GPU path only; the interpreter runs one fixed config)
 # ----------------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-_GPU_CONFIGS = [
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from an offline sm_90a compile (Triton 3.9 -> ptxas, no GPU
+# needed) of the full-tangent bf16 kernel: at head dim 128, 128x64/8 warps spills 168 bytes and 128x32/8 warps
+# 44 bytes, 64x64/4 warps 760 bytes; 128x64/4 warps (4.7 KB) and 64x128/8 warps (1.5 KB) were dropped. At head
+# dim 64, 128x64/8 warps does not spill. Speed is still unmeasured: the autotuner picks among these on the GPU.
+_GPU_CONFIGS_16BIT = [
     (128, 64, 8, 3),
     (128, 64, 8, 2),
     (128, 32, 8, 3),
-    (128, 64, 4, 3),
     (64, 64, 4, 3),
     (64, 64, 4, 2),
     (64, 32, 4, 3),
-    (64, 128, 8, 2),
 ]
+# Head dims padded to 256 (e.g. 160) and float32 (tf32 dots): one config that compiles and fits shared memory.
+_GPU_CONFIGS_SMALL = [(64, 32, 4, 2)]
+_GPU_CONFIGS = _GPU_CONFIGS_16BIT + [c for c in _GPU_CONFIGS_SMALL if c not in _GPU_CONFIGS_16BIT]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles cannot fit for large head dims (keeps compile time down)."""
+    """Keep the configs meant for this dtype / head dim (see the tables above)."""
     meta = {**named_args, **kwargs}
     d = max(meta.get("BLOCK_DQK", 64), meta.get("BLOCK_DV", 64))
-    lq = meta.get("Lq", 1 << 30)
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if d >= 256 and (bm > 64 or bn > 32):
-            continue
-        if lq <= 64 and bm > 64:  # short queries: more programs beat bigger tiles
-            continue
-        kept.append(c)
+    q = meta.get("Q")
+    wide = d >= 256 or (q is not None and q.dtype == torch.float32)
+    allowed = _GPU_CONFIGS_SMALL if wide else _GPU_CONFIGS_16BIT
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    if not wide and meta.get("Lq", 1 << 30) <= 64:  # short queries: more programs beat bigger tiles
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64] or kept
     return kept or configs[-1:]
 
 
@@ -342,11 +348,20 @@ def select_backend(device: torch.device | str, dtype: torch.dtype = torch.float3
             raise RuntimeError(f"backend {requested!r} needs triton, which is not installed")
         if requested == "triton" and device.type != "cuda":
             raise ValueError(f"backend 'triton' needs CUDA tensors, got device {device}")
+        if requested == "triton" and dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            raise ValueError("backend 'triton' runs float32 with tf32 dots only: set "
+                             "torch.backends.cuda.matmul.allow_tf32 = True, or use backend='torch'")
         choice = requested
     elif _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False"):
         choice = "interpret"
     elif _HAS_TRITON and device.type == "cuda":
         choice = "triton"
+        if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            # Triton 3.9's LLVM asserts (aborting the process) on this kernel's IEEE fp32 dots for most tile
+            # shapes, so float32 runs the kernel only with tf32 dots, as PyTorch's matmuls do when allowed.
+            _log_once("jvp attention: float32 on CUDA uses the PyTorch path unless "
+                      "torch.backends.cuda.matmul.allow_tf32 is True (then: Triton with tf32 dots)")
+            choice = "torch"
     else:
         choice = "torch"
     if choice != "triton":
@@ -436,7 +451,6 @@ def _launch_triton(q, k, v, tq, tk, tv, attn_mask, is_causal: bool, scale: float
     o_k = torch.empty(o.shape, device=o.device, dtype=torch.float32) if upcast else o
     to_k = None if to is None else (torch.empty(to.shape, device=to.device, dtype=torch.float32) if upcast else to)
     dummy = q
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     args = (
         q, k, v,
         tq if tq is not None else dummy, tk if tk is not None else dummy, tv if tv is not None else dummy,
@@ -453,7 +467,8 @@ def _launch_triton(q, k, v, tq, tk, tv, attn_mask, is_causal: bool, scale: float
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, HAS_TANGENT=has_tangent,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), UPCAST=upcast,
-        DOT_PRECISION="tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee",
+        # GPU: fp16/bf16 dots ignore it; fp32 reaches the compiled kernel only with tf32 allowed (select_backend).
+        DOT_PRECISION="ieee" if interpret else "tf32",
     )
     kernel = _kernel(interpret)
     if interpret:
