@@ -1,0 +1,198 @@
+"""Config loading: every shipped YAML validates; bad keys, types and paths are named; overrides and the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import (
+    Config,
+    ConfigError,
+    OptimizerConfig,
+    build_config,
+    config_to_yaml,
+    load_config,
+    recipe_module,
+    resolve_path,
+)
+from tiny import DIGITS_YAML, REPO, subprocess_env
+
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_recipes_folder_ships_configs():
+    assert DIGITS_YAML in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert isinstance(cfg.recipe, recipe_module(cfg.recipe_name).Config)
+    assert resolve_path(cfg.teacher.path).is_dir()
+    # Every key written in the file survives validation with its value (nothing silently dropped or renamed).
+    raw = yaml.safe_load(path.read_text())
+    resolved = yaml.safe_load(config_to_yaml(cfg))
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = resolved[section][key]
+            assert got == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_by_name(path):
+    # `distill train dmd2_digits.yaml` works from any directory: bare names fall back to the shipped recipes.
+    assert load_config(path.name) == load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("bogus_section={a: 1}", "bogus_section"),
+        ("run.max_stepz=3", "run.max_stepz"),
+        ("trainer.generator.lrr=1", "trainer.generator.lrr"),
+        ("recipe.gan_wieght=0.1", "recipe.gan_wieght"),
+    ],
+)
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError, match="unknown config key") as e:
+        load_config(DIGITS_YAML, [override])
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.critic_steps=abc", "trainer.critic_steps"),
+        ("trainer.critic_steps=1.5", "trainer.critic_steps"),
+        ("trainer.critic_steps=true", "trainer.critic_steps"),
+        ("trainer.generator.betas=[1]", "trainer.generator.betas"),
+        ("trainer.generator.betas=[0.9, abc]", "trainer.generator.betas[1]"),
+        ("trainer.generator.lr=fast", "trainer.generator.lr"),
+        ("trainer.on_nonfinite=ignore", "trainer.on_nonfinite"),
+        ("trainer.progress_bar=2", "trainer.progress_bar"),
+        ("trainer.generator=3", "trainer.generator"),
+        ("recipe.gan=maybe", "recipe.gan"),
+        ("run.output_dir=[a, b]", "run.output_dir"),
+    ],
+)
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS_YAML, [override])
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+@pytest.mark.parametrize("override, key", [("student.num_steps=0", "student.num_steps"),
+                                           ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps")])
+def test_out_of_range_value_is_named(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(DIGITS_YAML, [override])
+
+
+def test_missing_teacher_folder_names_key_and_path(tmp_path):
+    missing = tmp_path / "no_such_teacher"
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS_YAML, [f"teacher.path={missing}"])
+    assert "teacher.path" in str(e.value) and str(missing) in str(e.value)
+
+
+def test_builtin_teacher_resolves_to_shipped_assets():
+    assert resolve_path("builtin:digits_teacher") == REPO / "distill" / "assets" / "digits_teacher"
+    assert (resolve_path("builtin:digits_teacher") / "unet" / "config.json").is_file()
+    with pytest.raises(ConfigError, match="teacher.path"):
+        load_config(DIGITS_YAML, ["teacher.path=builtin:no_such_asset"])
+
+
+def test_unknown_recipe_lists_available_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS_YAML, ["recipe.name=no_such_method"])
+    msg = str(e.value)
+    assert "recipe.name" in msg and "no_such_method" in msg and "'dmd2'" in msg
+
+
+def test_config_without_recipe_section_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {max_steps: 3}\n")
+    with pytest.raises(ConfigError, match="recipe.name"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: {name: dmd2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path):
+    cfg = load_config(DIGITS_YAML, [
+        "run.seed=7",
+        "trainer.max_grad_norm=null",
+        "trainer.progress_bar=false",
+        "trainer.generator.betas=[0.5, 0.9]",
+        "trainer.generator.lr=1e-4",  # YAML 1.1 reads this as a string; the float field must still take it
+        "trainer.critic.lr=3.0e-5",
+        "trainer.resume=latest",
+        f"run.output_dir={tmp_path}/a=b",  # only the first "=" splits
+        "recipe.max_t=0.5",
+        "recipe.gan=true",
+    ])
+    assert cfg.run.seed == 7 and type(cfg.run.seed) is int
+    assert cfg.trainer.max_grad_norm is None
+    assert cfg.trainer.progress_bar is False
+    assert cfg.trainer.generator == OptimizerConfig(lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=0)
+    assert cfg.trainer.critic.lr == 3e-5
+    assert cfg.trainer.resume == "latest"
+    assert cfg.run.output_dir == f"{tmp_path}/a=b"
+    assert cfg.recipe.max_t == 0.5 and cfg.recipe.gan is True
+    # Untouched keys keep the file's values.
+    assert cfg.trainer.critic_steps == 2 and cfg.data.resolution == 16
+
+
+def test_later_override_wins_and_bad_override_syntax_is_rejected():
+    assert load_config(DIGITS_YAML, ["run.seed=1", "run.seed=2"]).run.seed == 2
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(DIGITS_YAML, ["run.seed"])
+    with pytest.raises(ConfigError, match="trainer.critic_steps is not a section"):
+        load_config(DIGITS_YAML, ["trainer.critic_steps.x=1"])
+
+
+def test_config_to_yaml_round_trips(tiny_teacher):
+    cfg = load_config(DIGITS_YAML, [f"teacher.path={tiny_teacher}", "trainer.generator.betas=[0.5, 0.9]",
+                                    "trainer.max_grad_norm=null", "recipe.gan=true", "recipe.min_t=0.1",
+                                    "student.num_steps=3", "trainer.resume=latest", "teacher.prediction=null"])
+    text = config_to_yaml(cfg)
+    again = build_config(yaml.safe_load(text))
+    assert again == cfg
+    assert config_to_yaml(again) == text
+    assert text.startswith("recipe:\n  name: dmd2\n")
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("distill")
+    return [exe] if exe else [sys.executable, "-m", "distill.cli"]
+
+
+def test_cli_bad_key_exits_2_with_message(tmp_path):
+    proc = subprocess.run([*_cli(), "train", str(DIGITS_YAML), "trainer.bad_key=1", f"run.output_dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 2, proc.stderr
+    assert "trainer.bad_key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_main_reports_config_errors(tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["train", str(DIGITS_YAML), "trainer.critic_steps=abc"]) == 2
+    assert "trainer.critic_steps" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "config.yaml" in capsys.readouterr().err

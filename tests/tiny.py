@@ -1,0 +1,99 @@
+"""A tiny class-conditional teacher and tiny run configs, shared by the config, trainer, export and DDP tests.
+
+Also a script for the DDP test: under `accelerate launch` it trains like `distill train` and then makes every
+rank write the weights it holds, so the test can check that the ranks agree:
+
+    accelerate launch ... tests/tiny.py DUMP_DIR CONFIG key=value ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_YAML = REPO / "recipes" / "dmd2_digits.yaml"
+
+
+def build_tiny_teacher(root: Path) -> Path:
+    """An untrained 8x8 class-conditional UNet2DModel (10 digits + the null class) with a consistency scheduler,
+    saved as a diffusers folder the way the shipped teacher is."""
+    from diffusers import CMStochasticIterativeScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=11,
+    )
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    CMStochasticIterativeScheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+def tiny_overrides(teacher: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides of recipes/dmd2_digits.yaml for a run of seconds; later entries in `extra` win."""
+    return [
+        f"teacher.path={teacher}",
+        f"run.output_dir={run_dir}",
+        "data.resolution=8",
+        "data.batch_size=4",
+        "run.max_steps=2",
+        "trainer.progress_bar=false",
+        "trainer.sample_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.log_every=1",
+        "export.at_end=false",
+        *extra,
+    ]
+
+
+def tiny_config(teacher: Path, run_dir: Path, *extra: str):
+    from distill.config import load_config
+
+    return load_config(DIGITS_YAML, tiny_overrides(teacher, run_dir, *extra))
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: one thread each (tiny models gain nothing from more, and two processes
+    fighting over two cores with several threads each are many times slower)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """CPU copies of a trainer's generator, critic and EMA weights."""
+    from distill.trainer import unwrap
+
+    out = {
+        "generator": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.recipe.generator).state_dict().items()},
+        "critic": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.recipe.critic).state_dict().items()},
+    }
+    out["ema"] = {str(i): p.detach().cpu().clone() for i, p in enumerate(trainer.ema.shadow_params)}
+    return out
+
+
+def _train_and_dump(dump_dir: str, config: str, overrides: list[str]) -> None:
+    from distill.config import load_config
+    from distill.trainer import Trainer
+
+    trainer = Trainer(load_config(config, overrides))
+    steps_run = []
+    train_step = trainer.train_step
+
+    def counting_step():
+        steps_run.append(trainer.step)
+        return train_step()
+
+    trainer.train_step = counting_step
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({**weights(trainer), "steps_run": steps_run, "world_size": trainer.accelerator.num_processes},
+               Path(dump_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    _train_and_dump(sys.argv[1], sys.argv[2], sys.argv[3:])
