@@ -173,7 +173,7 @@ class Trainer:
 
         self.step = 0
         self.nonfinite_skipped = 0
-        self._consecutive_nonfinite = 0
+        self._consecutive_nonfinite: dict[str, int] = {}  # per network: a healthy critic must not hide a stuck generator
 
     # -- setup ------------------------------------------------------------------------------------------
     def _optimizer(self, module: nn.Module, oc: OptimizerConfig):
@@ -200,7 +200,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
-                     "consecutive_nonfinite": self._consecutive_nonfinite}
+                     "consecutive_nonfinite": dict(self._consecutive_nonfinite)}
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump(state, f)
                 f.flush()
@@ -224,7 +224,8 @@ class Trainer:
         state = json.loads(state_file.read_text())
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
-        self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        consecutive = state.get("consecutive_nonfinite")
+        self._consecutive_nonfinite = dict(consecutive) if isinstance(consecutive, dict) else {}
         logger.info("resumed from %s at step %d", path, self.step)
 
     def maybe_resume(self) -> None:
@@ -285,9 +286,10 @@ class Trainer:
                 acc.backward(loss / n)
             for k, v in parts.items():
                 logs[f"{name}/{k}"] = logs.get(f"{name}/{k}", 0.0) + v / n
-        grad_norm = None
-        if finite and self.cfg.trainer.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(module.parameters(), self.cfg.trainer.max_grad_norm)
+        if finite:
+            # Always measured (max_norm=inf does not clip): the norm is the guard against non-finite gradients.
+            max_norm = self.cfg.trainer.max_grad_norm
+            grad_norm = acc.clip_grad_norm_(module.parameters(), math.inf if max_norm is None else max_norm)
             finite = bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
             logs[f"{name}/grad_norm"] = float(grad_norm)
         if not finite:
@@ -297,16 +299,16 @@ class Trainer:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        self._consecutive_nonfinite = 0
+        self._consecutive_nonfinite[name] = 0
         return logs
 
     def _nonfinite(self, name: str, logs: dict[str, float]) -> None:
         self.nonfinite_skipped += 1
-        self._consecutive_nonfinite += 1
+        self._consecutive_nonfinite[name] = self._consecutive_nonfinite.get(name, 0) + 1
         msg = f"non-finite {name} loss or gradient at step {self.step} (logs: {logs})"
         if self.cfg.trainer.on_nonfinite == "stop":
             raise NonFiniteError(msg + "; trainer.on_nonfinite=stop")
-        if self._consecutive_nonfinite > self.cfg.trainer.max_consecutive_nonfinite:
+        if self._consecutive_nonfinite[name] > self.cfg.trainer.max_consecutive_nonfinite:
             raise NonFiniteError(
                 msg + f"; more than trainer.max_consecutive_nonfinite={self.cfg.trainer.max_consecutive_nonfinite} "
                 "updates in a row were skipped")
