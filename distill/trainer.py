@@ -362,6 +362,10 @@ class Trainer:
                 logs["lr/generator"] = self.generator_sched.get_last_lr()[0]
                 acc.log(logs, step=self.step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+                if not cfg.trainer.progress_bar and acc.is_main_process:
+                    logger.info("step %d/%d  %s  (%.1fs)", self.step, cfg.run.max_steps,
+                                "  ".join(f"{k}={v:.4g}" for k, v in sorted(logs.items()) if k.endswith("loss")),
+                                time.time() - start)
             if cfg.trainer.sample_every and self.step % cfg.trainer.sample_every == 0 and acc.is_main_process:
                 self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
             if cfg.trainer.checkpoint_every and (self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.run.max_steps):
