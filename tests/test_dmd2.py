@@ -17,20 +17,6 @@ def f64():
     torch.set_default_dtype(old)
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    from diffusers import CMStochasticIterativeScheduler, UNet2DModel
-
-    root = tmp_path_factory.mktemp("tiny_teacher")
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
-                num_class_embeds=11).save_pretrained(root / "unet", safe_serialization=True)
-    CMStochasticIterativeScheduler().save_pretrained(root / "scheduler")
-    return root
-
-
 def gaussian_x0(x_t: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """E[x0 | x_t] for x0 ~ N(mu, c^2 I) and x_t = x0 + sigma eps (EDM, alpha = 1)."""
     s2 = sigma.reshape(-1, 1) ** 2
@@ -112,13 +98,13 @@ def test_denoising_loss_is_edm_weighted_x0_error(f64):
     torch.testing.assert_close(denoising_loss(native(x0_hat), native(x0)), expected)
 
 
-def test_recipe_routes_gradients(tiny_teacher_dir):
+def test_recipe_routes_gradients(tiny_teacher):
     """The generator loss trains only the student; the critic loss trains only the fake score (and GAN head)."""
     from distill.config import load_config
     from distill.recipes import build_recipe
 
     for steps, gan in ((1, False), (3, True)):
-        cfg = load_config("dmd2_digits.yaml", [f"teacher.path={tiny_teacher_dir}", "data.resolution=8",
+        cfg = load_config("dmd2_digits.yaml", [f"teacher.path={tiny_teacher}", "data.resolution=8",
                                                f"student.num_steps={steps}", f"recipe.gan={str(gan).lower()}",
                                                "teacher.guidance_scale=2.0"])
         recipe, data = build_recipe(cfg, torch.device("cpu"))
