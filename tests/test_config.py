@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from tiny import DIGITS_YAML, REPO, subprocess_env
 
 from distill.config import (
     Config,
@@ -20,7 +20,6 @@ from distill.config import (
     recipe_module,
     resolve_path,
 )
-from tiny import DIGITS_YAML, REPO, subprocess_env
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -87,8 +86,11 @@ def test_wrong_type_is_named(override, key):
     assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
-@pytest.mark.parametrize("override, key", [("student.num_steps=0", "student.num_steps"),
-                                           ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("student.num_steps=0", "student.num_steps"),
+     ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps")],
+)
 def test_out_of_range_value_is_named(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(DIGITS_YAML, [override])
@@ -182,7 +184,7 @@ def _cli() -> list[str]:
 
 def test_cli_bad_key_exits_2_with_message(tmp_path):
     proc = subprocess.run([*_cli(), "train", str(DIGITS_YAML), "trainer.bad_key=1", f"run.output_dir={tmp_path}/run"],
-                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+                          check=False, capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert proc.returncode == 2, proc.stderr
     assert "trainer.bad_key" in proc.stderr
     assert "Traceback" not in proc.stderr

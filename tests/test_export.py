@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import subprocess_env, tiny_config
 
 from distill.export import rollout, student_schedule
 from distill.trainer import Trainer, unwrap
-from tiny import subprocess_env, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,8 +86,8 @@ def exported(tiny_teacher, tmp_path_factory, one_thread):
 
     one = _train(tiny_teacher, root / "one_step", "run.max_steps=2")
     cli = [shutil.which("distill") or sys.executable] + ([] if shutil.which("distill") else ["-m", "distill.cli"])
-    proc = subprocess.run([*cli, "export", str(root / "one_step"), str(root / "one_step_pipe")], capture_output=True,
-                          text=True, timeout=300, env=subprocess_env())
+    proc = subprocess.run([*cli, "export", str(root / "one_step"), str(root / "one_step_pipe")], check=False,
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     two = _train(tiny_teacher, root / "two_step", "run.max_steps=2", "student.num_steps=2", "export.at_end=true")
@@ -97,8 +97,8 @@ def exported(tiny_teacher, tmp_path_factory, one_thread):
             "pipelines": {"one": str(root / "one_step_pipe"), "two": str(root / "two_step" / "pipeline")},
             "steps": {"one": 1, "two": 2}}
     (root / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(root / "spec.json")], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=root)
+    proc = subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(root / "spec.json")], check=False,
+                          capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=root)
     assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
     return {
         "trainers": {"one": one, "two": two},

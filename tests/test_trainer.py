@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_config, weights
 
 from distill.config import load_config
 from distill.trainer import NonFiniteError, Trainer, latest_checkpoint, list_checkpoints
-from tiny import tiny_config, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # still running at the checkpoint, a sample grid at the checkpoint (swaps EMA weights in and out): all of it must
 # come back exactly on resume.
 RUN = ("run.max_steps=6", "trainer.checkpoint_every=3", "trainer.sample_every=3", "student.num_steps=2",
-       "trainer.critic_steps=2", "trainer.generator.warmup_steps=4", "trainer.ema_decay=0.9", "trainer.keep_checkpoints=2")
+       "trainer.critic_steps=2", "trainer.generator.warmup_steps=4", "trainer.ema_decay=0.9",
+       "trainer.keep_checkpoints=2")
 GENERATOR_LR = 2e-5  # recipes/dmd2_digits.yaml
 
 
@@ -103,7 +103,8 @@ def test_resumed_checkpoints_and_samples_match_the_straight_run(straight, resume
 
     a, b = straight["run"], resumed["run"]
     for name in ("model.safetensors", "model_1.safetensors"):
-        assert_same(load_file(b / "checkpoints/step-00000006" / name), load_file(a / "checkpoints/step-00000006" / name), name)
+        ckpt = "checkpoints/step-00000006"
+        assert_same(load_file(b / ckpt / name), load_file(a / ckpt / name), name)
     opt_a = torch.load(a / "checkpoints/step-00000006/optimizer.bin", weights_only=False)["state"]
     opt_b = torch.load(b / "checkpoints/step-00000006/optimizer.bin", weights_only=False)["state"]
     assert opt_a.keys() == opt_b.keys()

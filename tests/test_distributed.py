@@ -1,0 +1,87 @@
+"""Two CPU processes over gloo under `accelerate launch`: training, one consistent checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import DIGITS_YAML, REPO, subprocess_env, tiny_overrides
+
+from distill.trainer import list_checkpoints
+
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), *args]
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=REPO)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_teacher, tmp_path_factory):
+    """Two steps under 2 processes with `distill.cli train`, then resumed to four steps (each rank dumps what it
+    holds at the end, see tests/tiny.py)."""
+    run = tmp_path_factory.mktemp("ddp")
+    common = ("trainer.checkpoint_every=2", "trainer.ema_decay=0.9")
+    first = launch("-m", "distill.cli", "train", str(DIGITS_YAML),
+                   *tiny_overrides(tiny_teacher, run, *common, "run.max_steps=2"))
+    after_first = [p.name for p in list_checkpoints(run)]
+    step2 = {name: load_file(run / "checkpoints/step-00000002" / name)
+             for name in ("model.safetensors", "model_1.safetensors")}
+    launch(str(REPO / "tests" / "tiny.py"), str(run / "dump"), str(DIGITS_YAML),
+           *tiny_overrides(tiny_teacher, run, *common, "run.max_steps=4", "trainer.resume=latest"))
+    ranks = [torch.load(run / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return {"run": run, "stdout": first.stdout, "after_first": after_first, "step2": step2, "ranks": ranks,
+            "teacher": tiny_teacher}
+
+
+def test_ddp_writes_one_consistent_checkpoint(ddp_run):
+    run = ddp_run["run"]
+    assert ddp_run["after_first"] == ["step-00000002"]
+    assert ddp_run["stdout"].count("run directory:") == 1  # only the main process reports
+    ckpt = run / "checkpoints" / "step-00000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    states = []
+    for rank in (0, 1):
+        states.append(torch.load(ckpt / f"random_states_{rank}.pkl", weights_only=False))
+    assert not (ckpt / "random_states_2.pkl").exists()
+    # Each rank saved its own RNG state (the step seed includes the rank), not a copy of rank 0's.
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
+    teacher = load_file(ddp_run["teacher"] / "unet" / "diffusion_pytorch_model.safetensors")
+    for name in ("model.safetensors", "model_1.safetensors"):  # generator, critic
+        saved = {k.split("model.", 1)[1]: v for k, v in ddp_run["step2"][name].items()}  # (denoiser.)model.<unet key>
+        assert saved.keys() == teacher.keys()
+        assert any(not torch.equal(saved[k], v) for k, v in teacher.items()), f"{name} did not train"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_ddp_resume_keeps_ranks_in_sync(ddp_run):
+    run = ddp_run["run"]
+    r0, r1 = ddp_run["ranks"]
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["steps_run"] == r1["steps_run"] == [2, 3]  # both resumed from step 2
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    for net in ("generator", "critic", "ema"):
+        assert r0[net].keys() == r1[net].keys()
+        differ = [k for k in r0[net] if not torch.equal(r0[net][k], r1[net][k])]
+        assert not differ, f"{net} differs between ranks: {differ[:3]}"
+    step4 = load_file(run / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert step4.keys() == r0["generator"].keys()
+    assert all(torch.equal(step4[k], r0["generator"][k]) for k in step4)
+    assert any(not torch.equal(step4[k], ddp_run["step2"]["model.safetensors"][k]) for k in step4)
