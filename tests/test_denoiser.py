@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_unet
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
 
 from distill.denoiser import Denoiser, load_denoiser
@@ -20,19 +21,7 @@ NET_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _tiny_unet(num_class_embeds: int | None = NUM_CLASS_EMBEDS) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=num_class_embeds,
-    ).eval().double()
+    return tiny_unet(num_class_embeds, attention=False).eval().double()
 
 
 def _inputs(n: int = 4, seed: int = 0):

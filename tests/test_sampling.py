@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
 
 from distill.denoiser import Denoiser
@@ -145,19 +146,7 @@ def test_sample_batches_conditions_and_passes_guidance():
 
 
 def _tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=11,
-    ).eval()
+    return tiny_unet(attention=False).eval()
 
 
 def test_sample_with_tiny_unet_denoiser():

@@ -18,17 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS_YAML = REPO / "recipes" / "dmd2_digits.yaml"
 
 
+def tiny_unet(num_class_embeds: int | None = 11, attention: bool = True):
+    """An untrained 8x8 one-channel UNet2DModel (seeded); class-conditional with 10 digits + the null class."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), down_block_types=down,
+        up_block_types=up, layers_per_block=1, norm_num_groups=4, attention_head_dim=8 if attention else 4,
+        num_class_embeds=num_class_embeds,
+    )
+
+
 def build_tiny_teacher(root: Path) -> Path:
     """An untrained 8x8 class-conditional UNet2DModel (10 digits + the null class) with a consistency scheduler,
     saved as a diffusers folder the way the shipped teacher is."""
-    from diffusers import CMStochasticIterativeScheduler, UNet2DModel
+    from diffusers import CMStochasticIterativeScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=11,
-    )
+    unet = tiny_unet()
     unet.save_pretrained(root / "unet", safe_serialization=True)
     CMStochasticIterativeScheduler().save_pretrained(root / "scheduler")
     return root
