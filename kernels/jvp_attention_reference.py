@@ -42,14 +42,18 @@ def attention_reference(
     """Math attention in `dtype`; rows where every key is masked give 0 (as PyTorch's SDPA)."""
     q, k, v = (x.to(dtype) for x in (q, k, v))
     k, v, scale, keep, additive = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    return _masked_softmax(q, k, scale, keep, additive) @ v
+
+
+def _masked_softmax(q, k, scale, keep, additive) -> torch.Tensor:
+    """P = softmax(c Q K^T + mask); rows where every key is masked are 0."""
     s = scale * q @ k.transpose(-1, -2)
     if additive is not None:
-        s = s + additive.to(dtype)
+        s = s + additive.to(s.dtype)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     visible = torch.isfinite(s).any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~visible, 0.0), dim=-1) * visible
-    return p @ v
+    return torch.softmax(s.masked_fill(~visible, 0.0), dim=-1) * visible
 
 
 def jvp_reference(q, k, v, tq, tk, tv, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
@@ -69,13 +73,7 @@ def jvp_closed_form(q, k, v, tq, tk, tv, attn_mask=None, is_causal=False, scale=
     tq, tk, tv = (torch.zeros_like(p) if t is None else t.to(dtype) for p, t in zip((q, k, v), (tq, tk, tv)))
     k2, v2, scale, keep, additive = _prepare(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     tk2, tv2, *_ = _prepare(q, tk, tv, None, False, scale, enable_gqa)
-    s = scale * q @ k2.transpose(-1, -2)
-    if additive is not None:
-        s = s + additive.to(dtype)
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    visible = torch.isfinite(s).any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~visible, 0.0), dim=-1) * visible
+    p = _masked_softmax(q, k2, scale, keep, additive)
     o = p @ v2
     ts = scale * (tq @ k2.transpose(-1, -2) + q @ tk2.transpose(-1, -2))
     pts = p * ts
