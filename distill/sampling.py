@@ -7,6 +7,8 @@ shifted time for flows, integer timesteps for VP).
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -42,12 +44,15 @@ def dpm_solver_2m(x0_fn: X0Fn, noise: Tensor, alphas: Tensor, sigmas: Tensor, ts
         if float(sigmas[i + 1]) == 0.0:
             return x0
         h = float(lam[i + 1] - lam[i])
+        if h <= 0:
+            raise ValueError(f"noise levels must strictly decrease; step {i} repeats one (too many steps for a "
+                             "discrete process?)")
         if prev_x0 is None:
             d = x0
         else:
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-        x = (float(sigmas[i + 1]) / float(sigmas[i])) * x - float(alphas[i + 1]) * torch.expm1(torch.tensor(-h)).item() * d
+        x = (float(sigmas[i + 1]) / float(sigmas[i])) * x - float(alphas[i + 1]) * math.expm1(-h) * d
         prev_x0, prev_h = x0, h
     return x
 
