@@ -1,27 +1,36 @@
-"""YAML configs checked against dataclasses: an unknown key, a wrong type or a missing path names the key.
+"""YAML configs validated by pydantic v2: every key declares its type, range, choices and relations beside it.
 
 A config file has fixed sections (`run`, `teacher`, `data`, `student`, `trainer`, `export`) and one `recipe`
 section whose `name` picks `distill.recipes.<name>`; the remaining keys of that section are checked against
-that module's `Config` dataclass, so a new recipe brings its own schema without touching this file.
+that module's `Config` (a :class:`Section`), so a new recipe brings its own schema without touching this file.
+
+Conventions for every section, base or recipe:
+
+* a field is ``name: type = Field(default, ge=/gt=/le=/lt=..., description="...")``; choices are ``Literal``;
+* a relation between fields is checked in a ``@model_validator(mode="after")`` with :func:`require`, which names
+  the dotted key at fault;
+* a value that means "never" or "all" (``checkpoint_every: 0``) says so in its description;
+* checking is strict: no "3" for an int, no 1.5 for an int, no 1 for a bool, no NaN or inf anywhere.
+
+Everything is checked when the config is loaded, before any model is loaded or any folder is written; an error
+is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import json
 import re
 import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_PREFIX = "builtin:"
-# Exponent floats without a dot (1e-4): YAML 1.1, which PyYAML implements, reads them as strings.
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -29,179 +38,210 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# YAML: exponent floats without a dot (1e-4) are floats (PyYAML implements YAML 1.1, which reads them as strings)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text the way configs and overrides are parsed."""
+    return yaml.load(text, Loader=_Loader)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    max_steps: int = 1000
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors; values are finite and of their declared type."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
 
 
-@dataclass
-class TeacherConfig:
-    #: a diffusers folder (`unet/` or `transformer/` + `scheduler/`), or `builtin:digits_teacher`.
-    path: str = "builtin:digits_teacher"
-    #: the network's output kind; null infers it from the scheduler config.
-    prediction: str | None = None
-    #: classifier-free guidance, convention uncond + w (cond - uncond); 1.0 = no guidance.
-    guidance_scale: float = 1.0
+def require(ok: bool, key: str, message: str) -> None:
+    """In a section's ``@model_validator(mode="after")``: fail with an error naming `key` (relative to the
+    section, dotted for a nested one) unless `ok`."""
+    if not ok:
+        raise PydanticCustomError("relation", "{message}", {"key": key, "message": message})
 
 
-@dataclass
-class DataConfig:
+class RunConfig(Section):
+    output_dir: str = Field("runs/default", min_length=1,
+                            description="the run directory (checkpoints, logs, samples, the exported pipeline)")
+    seed: int = Field(0, ge=0)
+    max_steps: int = Field(1000, ge=1, description="generator updates")
+
+
+class TeacherConfig(Section):
+    path: str = Field("builtin:digits_teacher", min_length=1,
+                      description="a diffusers folder (`unet/` or `transformer/` + `scheduler/`), or "
+                                  "`builtin:digits_teacher`")
+    prediction: Literal["x0", "epsilon", "v", "flow", "trigflow", "edm", "cm"] | None = Field(
+        None, description="the network's output kind; null infers it from the scheduler config")
+    guidance_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance, convention uncond + w "
+                                                           "(cond - uncond); 1.0 = the plain conditional model")
+
+
+class DataConfig(Section):
     name: Literal["digits"] = "digits"
-    resolution: int = 16
-    batch_size: int = 64
+    resolution: int = Field(16, ge=8, multiple_of=4, description="image side in pixels (digits: 8x8 upsampled)")
+    batch_size: int = Field(64, ge=1, description="per process and micro-batch")
 
 
-@dataclass
-class StudentConfig:
-    #: sampling steps of the distilled student (1 to 4 usually); the export bakes them in.
-    num_steps: int = 1
+class StudentConfig(Section):
+    num_steps: int = Field(1, ge=1, le=1000, description="sampling steps of the distilled student (1 to 4 "
+                                                          "usually); the export bakes them in")
 
 
-@dataclass
-class OptimizerConfig:
-    lr: float = 1e-5
+class OptimizerConfig(Section):
+    lr: float = Field(1e-5, gt=0.0)
     betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up in updates; 0 = none")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimizerConfig":
+        for i, b in enumerate(self.betas):
+            require(0.0 <= b < 1.0, f"betas[{i}]", f"must be in [0, 1), got {b}")
+        return self
 
 
-@dataclass
-class TrainerConfig:
-    generator: OptimizerConfig = field(default_factory=OptimizerConfig)
-    critic: OptimizerConfig = field(default_factory=OptimizerConfig)
-    #: critic (fake score) updates per generator update: DMD2's two time-scale rule.
-    critic_steps: int = 1
-    gradient_accumulation_steps: int = 1
-    #: "auto" = bf16 on CUDA, fp32 elsewhere; or "no", "bf16", "fp16".
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    max_grad_norm: float | None = 1.0
-    ema_decay: float = 0.99
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    sample_every: int = 500
-    log_every: int = 10
-    #: what a non-finite loss or gradient does: "skip" the update (counted and logged) or "stop" the run.
-    on_nonfinite: Literal["skip", "stop"] = "skip"
-    #: stop anyway after this many consecutive skipped updates.
-    max_consecutive_nonfinite: int = 20
-    #: null (start fresh), "latest" (newest complete checkpoint in the run, else fresh) or a checkpoint path.
-    resume: str | None = None
+class TrainerConfig(Section):
+    generator: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    critic: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    critic_steps: int = Field(1, ge=1, description="critic (fake score) updates per generator update: DMD2's "
+                                                    "two time-scale rule")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description='"auto" = bf16 on CUDA, fp32 elsewhere')
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null = no clipping (the "
+                                                                  "norm is still measured)")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA of the generator; 0 = the raw weights")
+    checkpoint_every: int = Field(500, ge=0, description="updates between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(500, ge=0, description="updates between sample grids; 0 = never")
+    log_every: int = Field(10, ge=1)
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description='a non-finite loss or gradient: "skip" the update (counted, logged) or "stop"')
+    max_consecutive_nonfinite: int = Field(20, ge=0, description="stop anyway after this many consecutive "
+                                                                 "skipped updates of one network")
+    resume: str | None = Field(None, min_length=1, description='null (fresh), "latest" (newest complete '
+                                                               'checkpoint of the run, else fresh) or a path')
     progress_bar: bool = True
 
 
-@dataclass
-class ExportConfig:
-    #: write the stock diffusers pipeline at the end of training (into <output_dir>/pipeline).
-    at_end: bool = True
+class ExportConfig(Section):
+    at_end: bool = Field(True, description="write the stock diffusers pipeline into <output_dir>/pipeline")
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    #: the recipe's name (module distill.recipes.<name>) and its own validated config.
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    #: the recipe's name (module distill.recipes.<name>) and its own validated config (set by build_config).
     recipe_name: str = "dmd2"
     recipe: Any = None
 
+    @model_validator(mode="after")
+    def _relations(self) -> "Config":
+        for net in ("generator", "critic"):
+            warm = getattr(self.trainer, net).warmup_steps
+            require(warm <= self.run.max_steps, f"trainer.{net}.warmup_steps",
+                    f"must be <= run.max_steps ({self.run.max_steps}), got {warm}")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checking values against dataclass fields
+# Validation with errors that name the key
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _dotted(prefix: str, loc: tuple) -> str:
+    key = prefix
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else str(part)
+    return key or "config"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+def _valid_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field is not None else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return sorted(model.model_fields)
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
-    where = prefix or "config"
+def _message(cls: type[BaseModel], err: dict, prefix: str) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "relation":
+        return f"{_dotted(prefix, loc + tuple(err['ctx']['key'].split('.')))}: {err['ctx']['message']}"
+    if kind == "extra_forbidden":
+        return (f"unknown config key {_dotted(prefix, loc)}; valid keys here: "
+                f"{[k for k in _valid_keys(cls, loc[:-1]) if k not in ('recipe', 'recipe_name')]}")
+    msg = err["msg"]
+    if kind in ("missing", "too_long", "too_short") and loc and isinstance(loc[-1], int) or kind == "too_long":
+        loc = loc[:-1] if loc and isinstance(loc[-1], int) else loc
+        return f"{_dotted(prefix, loc)}: wrong number of items ({msg})"
+    if kind == "missing":
+        return f"{_dotted(prefix, loc)}: required key missing"
+    if kind == "finite_number":
+        msg = "must be a finite number"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        msg = "expected an integer"
+    elif kind in ("float_type", "float_parsing"):
+        msg = "expected a number"
+    elif kind == "bool_type":
+        msg = "expected true/false"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "expected a mapping"
+    return f"{_dotted(prefix, loc)}: {msg}, got {err.get('input')!r}"
+
+
+def validate_section(cls: type[BaseModel], data: Any, prefix: str = "") -> Any:
+    """Validate mapping `data` against section `cls`; a ConfigError names every key at fault."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        keys = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
-        raise ConfigError(f"unknown config key {keys}; valid keys here: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    try:
+        # JSON strict mode: lists are tuples, ints are floats, and nothing else is coerced.
+        return cls.model_validate_json(json.dumps(data, default=str), strict=True)
+    except ValidationError as e:
+        messages = [_message(cls, err, prefix) for err in e.errors(include_url=False)]
+        raise ConfigError("; ".join(dict.fromkeys(messages))) from None
+
+
+def from_dict(cls: type[BaseModel], data: Any, prefix: str = "") -> Any:
+    """Build section `cls` from a mapping (alias of :func:`validate_section`)."""
+    return validate_section(cls, data, prefix)
 
 
 def to_dict(obj: Any) -> Any:
-    """A plain, YAML-safe dict of a (nested) dataclass."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    """A plain, YAML-safe dict of a (nested) section."""
+    if isinstance(obj, BaseModel):
+        return {name: to_dict(getattr(obj, name)) for name in type(obj).model_fields}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -234,7 +274,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), yaml_load(raw) if raw != "" else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -270,16 +310,15 @@ def build_config(data: dict) -> Config:
     if not isinstance(name, str):
         raise ConfigError(f"recipe.name: expected a string, got {name!r}")
     module = recipe_module(name)
-    cfg = from_dict(Config, data)
+    for reserved in ("recipe", "recipe_name"):
+        if reserved in data:
+            raise ConfigError(f"unknown config key {reserved}; the recipe section is `recipe:` with a `name`")
+    cfg = validate_section(Config, data)
     cfg.recipe_name = name
-    cfg.recipe = from_dict(module.Config, recipe_data, "recipe")
+    cfg.recipe = validate_section(module.Config, recipe_data, "recipe")
     teacher_dir = resolve_path(cfg.teacher.path)
     if not teacher_dir.is_dir():
         raise ConfigError(f"teacher.path: folder {str(teacher_dir)!r} does not exist")
-    if cfg.student.num_steps < 1:
-        raise ConfigError(f"student.num_steps: must be >= 1, got {cfg.student.num_steps}")
-    if cfg.trainer.gradient_accumulation_steps < 1:
-        raise ConfigError("trainer.gradient_accumulation_steps: must be >= 1")
     return cfg
 
 
@@ -295,7 +334,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -1,4 +1,16 @@
-"""Data the project can use without a network: scikit-learn's digits (1,797 real 8x8 images)."""
+"""Data the project can use without a network: scikit-learn's digits (1,797 real 8x8 images).
+
+The digits protocol splits the 1,797 digits once, here, into two disjoint halves (`split_halves(1797, seed=0)`):
+
+* half A (899 images), the **reference**: only the FD-digits judge reads it (`digits_split("reference")`);
+* half B (898 images), the **train** half: everything a generator learns from -- the teacher, students'
+  real-data terms, GAN heads, pair stores -- reads this half and nothing else (`digits_split("train")`).
+
+A generator that saw half A could score below the real-vs-real floor by copying it, so no training path may
+reach it (tests/test_data_split.py poisons half A and runs every training path). The classifier behind the
+judge keeps its own stratified split: it is a feature network (like Inception for FID), not the generator's
+training data, and its features must know every digit style to measure fidelity and diversity fairly.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +45,25 @@ def split_halves(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:half], perm[half:]
 
 
+#: the protocol's split of the 1,797 digits: half A (first) is the FD reference, half B (second) the train half.
+PROTOCOL_SPLIT_SEED = 0
+DIGITS_SPLITS = ("train", "reference")
+
+
+def digits_split(split: str, resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of one half of the protocol split: "train" (half B, 898 images: every training path)
+    or "reference" (half A, 899 images: the FD-digits judge only)."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"digits split must be one of {list(DIGITS_SPLITS)}, got {split!r}")
+    images, labels = load_digits(resolution)
+    half_a, half_b = split_halves(len(images), seed=PROTOCOL_SPLIT_SEED)
+    idx = half_b if split == "train" else half_a
+    return images[idx], labels[idx]
+
+
 class DigitsDataset:
-    """Class-conditional digits for training: random batches drawn with an explicit torch.Generator.
+    """Class-conditional digits for training (the train half B only): random batches drawn with an explicit
+    torch.Generator.
 
     Conditioning is `{"class_labels": int64 (N,)}`; `num_classes` excludes the null class used for CFG.
     """
@@ -42,7 +71,7 @@ class DigitsDataset:
     num_classes = NUM_DIGIT_CLASSES
 
     def __init__(self, resolution: int = 16):
-        self.images, self.labels = load_digits(resolution)
+        self.images, self.labels = digits_split("train", resolution)
         self.image_shape = tuple(self.images.shape[1:])
 
     def __len__(self) -> int:

@@ -26,14 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.data import NUM_DIGIT_CLASSES, load_digits, split_halves
+from distill.data import NUM_DIGIT_CLASSES, PROTOCOL_SPLIT_SEED, digits_split
 
 DIGITS_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "digits_classifier"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 # The protocol: reference = half A of split_halves(1797, seed=0) (899 images); figures use 898 images.
-PROTOCOL_SPLIT_SEED = 0
 NUM_DIGITS = 1797
 PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
 
@@ -186,10 +185,9 @@ def fd_digits(
 
 
 def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0)."""
-    images, _ = load_digits(resolution)
-    half_a, half_b = split_halves(len(images), seed=PROTOCOL_SPLIT_SEED)
-    return images[half_a], images[half_b]
+    """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0); half B is
+    also the train half of every digits training path (`distill.data.digits_split`)."""
+    return digits_split("reference", resolution)[0], digits_split("train", resolution)[0]
 
 
 class ClassifierScore(NamedTuple):

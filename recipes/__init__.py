@@ -1,4 +1,4 @@
-"""Recipes: one distillation method per file (`distill.recipes.<name>`), each with a `Config` dataclass and
+"""Recipes: one distillation method per file (`distill.recipes.<name>`), each with a `Config` (a `distill.config.Section`) and
 `build(cfg, teacher, dataset, device) -> recipe` (see `distill.trainer.Recipe`). YAML configs sit beside them."""
 
 from __future__ import annotations

@@ -16,13 +16,14 @@ ordinary denoising on detached samples. DMD2 drops DMD's regression loss and add
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pydantic import Field, model_validator
+
 from distill.config import Config as RunConfig
+from distill.config import Section, require
 from distill.denoiser import Denoiser
 from distill.export import rollout, student_from_teacher, student_schedule
 from distill.families import Condition
@@ -30,16 +31,19 @@ from distill.parametrization import add_noise
 from distill.trainer import Batch, frozen, unwrap
 
 
-@dataclass
-class Config:
-    #: noise levels for the DMD gradient and fake-score loss, in unit time (DMD2: t ~ U[0.02 T, 0.98 T]).
-    min_t: float = 0.02
-    max_t: float = 0.98
-    dmd_weight: float = 1.0
-    #: the GAN head on the fake score's bottleneck features (weights as in DMD2's SDXL runs).
-    gan: bool = False
-    gan_generator_weight: float = 5e-3
-    gan_critic_weight: float = 1e-2
+class Config(Section):
+    min_t: float = Field(0.02, ge=0.0, le=1.0, description="lowest noise level of the DMD gradient and the "
+                                                           "fake-score loss, in unit time (DMD2: 0.02 T)")
+    max_t: float = Field(0.98, ge=0.0, le=1.0, description="highest noise level, unit time (DMD2: 0.98 T)")
+    dmd_weight: float = Field(1.0, gt=0.0)
+    gan: bool = Field(False, description="a GAN head on the fake score's bottleneck features, against real images")
+    gan_generator_weight: float = Field(5e-3, ge=0.0, description="DMD2's SDXL runs: 5e-3")
+    gan_critic_weight: float = Field(1e-2, ge=0.0, description="DMD2's SDXL runs: 1e-2")
+
+    @model_validator(mode="after")
+    def _relations(self) -> "Config":
+        require(self.min_t < self.max_t, "min_t", f"must be < recipe.max_t ({self.max_t}), got {self.min_t}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------

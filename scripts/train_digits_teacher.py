@@ -21,7 +21,7 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from distill.data import NUM_DIGIT_CLASSES, load_digits
+from distill.data import NUM_DIGIT_CLASSES, digits_split, load_digits
 from distill.denoiser import Denoiser
 from distill.parametrization import EDMProcess, add_noise
 
@@ -63,6 +63,11 @@ def main() -> None:
     ap.add_argument("--p-mean", type=float, default=-1.2)
     ap.add_argument("--p-std", type=float, default=1.2)
     ap.add_argument("--resolution", type=int, default=16)
+    ap.add_argument("--data", choices=["train", "all"], default="train",
+                    help="train = half B, the protocol's train half; all = every digit, half A (the FD reference) "
+                         "included -- only to reproduce the old teacher in the ablation")
+    ap.add_argument("--augment", choices=["none", "roll"], default="none",
+                    help="roll = the old teacher's one-pixel random circular shifts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
@@ -70,7 +75,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    images, labels = load_digits(args.resolution)
+    images, labels = digits_split("train", args.resolution) if args.data == "train" else load_digits(args.resolution)
     process = EDMProcess(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA)
     teacher = Denoiser(build_unet(args.resolution), process, prediction="edm")
     teacher.model.train()
@@ -85,9 +90,9 @@ def main() -> None:
     for step in range(args.steps):
         idx = torch.randint(0, images.shape[0], (args.batch_size,))
         x0, y = images[idx], labels[idx].clone()
-        # light augmentation: one-pixel random shifts keep the small set from being memorised
-        shift = torch.randint(-1, 2, (2,))
-        x0 = torch.roll(x0, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+        if args.augment == "roll":
+            shift = torch.randint(-1, 2, (2,))
+            x0 = torch.roll(x0, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
         y[torch.rand(y.shape) < args.label_dropout] = null_class
         loss = edm_loss(teacher, x0, y, args.p_mean, args.p_std).mean()
         opt.zero_grad(set_to_none=True)
