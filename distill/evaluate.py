@@ -64,30 +64,38 @@ def compare_teacher_student(cfg: Config, pipeline_dir: str | Path, out_dir: str 
     student = student_images(pipeline_dir, labels, seed, student_steps)
     t_student = time.perf_counter() - t0
 
+    floor = judge.floor()
+    floor_p, floor_r = judge.floor_precision_recall()
     rows = {
-        "floor (real half B vs half A)": {"fd_digits": judge.floor(), "nfe": 0},
+        "real half B (the floor)": {"fd_digits": floor, "precision": floor_p, "recall": floor_r, "nfe": 0},
         f"teacher ({teacher_steps} steps, w={cfg.teacher.guidance_scale})": {
-            "fd_digits": judge(teacher), "accuracy": judge.accuracy(teacher, labels).accuracy,
+            **judge.report(teacher, labels),
             "nfe": teacher_steps * (1 if cfg.teacher.guidance_scale == 1.0 else 2), "seconds": t_teacher},
         f"student ({student_steps} step{'s' if student_steps > 1 else ''}, diffusers pipeline)": {
-            "fd_digits": judge(student), "accuracy": judge.accuracy(student, labels).accuracy,
-            "nfe": student_steps, "seconds": t_student},
+            **judge.report(student, labels), "nfe": student_steps, "seconds": t_student},
     }
+    for r in rows.values():
+        r["x_floor"] = r["fd_digits"] / floor
     # Grid: per column one digit; the first 4 rows teacher, the last 4 rows student (same labels).
     n = 40
     save_grid(torch.cat([teacher[:n], student[:n]]), out_dir / "teacher_vs_student.png", nrow=10)
     metrics = {"count": judge.count, "reference": "digits half A (899), split_halves(1797, seed=0)",
+               "train_half": "digits half B (898): the only digits any training path reads",
+               "precision_recall": "Kynkaanniemi et al. 2019, k = 3, in the judge's features",
                "device": "cpu", "rows": rows}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    lines = [f"FD-digits (classifier features; not Inception FID), {judge.count} samples vs 899 real:",
-             f"{'':48s} {'FD-digits':>10s} {'accuracy':>9s} {'NFE':>5s} {'seconds':>8s}"]
+    lines = [f"FD-digits (classifier features; not Inception FID), {judge.count} samples vs 899 real (half A):",
+             f"{'':44s} {'FD-digits':>9s} {'x floor':>7s} {'precision':>9s} {'recall':>6s} {'accuracy':>8s} "
+             f"{'NFE':>4s} {'seconds':>7s}"]
     for name, r in rows.items():
         acc = f"{r['accuracy']:.3f}" if "accuracy" in r else ""
         sec = f"{r['seconds']:.1f}" if "seconds" in r else ""
-        lines.append(f"{name:48s} {r['fd_digits']:10.3f} {acc:>9s} {r['nfe']:5d} {sec:>8s}")
+        lines.append(f"{name:44s} {r['fd_digits']:9.3f} {r['x_floor']:7.2f} {r['precision']:9.3f} "
+                     f"{r['recall']:6.3f} {acc:>8s} {r['nfe']:4d} {sec:>7s}")
     t_ratio = t_teacher / max(t_student, 1e-9)
-    lines.append(f"student/teacher FD ratio: {rows[list(rows)[2]]['fd_digits'] / rows[list(rows)[1]]['fd_digits']:.2f}; "
-                 f"sampling speed-up (same run, CPU): {t_ratio:.1f}x")
+    teacher_row, student_row = (rows[k] for k in list(rows)[1:])
+    lines.append(f"student/teacher FD ratio: {student_row['fd_digits'] / teacher_row['fd_digits']:.2f}; "
+                 f"student/floor: {student_row['x_floor']:.2f}; sampling speed-up (same run, CPU): {t_ratio:.1f}x")
     lines.append(f"grid: {out_dir / 'teacher_vs_student.png'} (rows 1-4 teacher, 5-8 student)")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ CONFIG_NAME = "config.json"
 # The protocol: reference = half A of split_halves(1797, seed=0) (899 images); figures use 898 images.
 NUM_DIGITS = 1797
 PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
 
 
 class DigitsClassifier(nn.Module):
@@ -190,6 +191,33 @@ def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return digits_split("reference", resolution)[0], digits_split("train", resolution)[0]
 
 
+def knn_radii(features: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Distance of each feature vector to its k-th nearest neighbour within the same set (itself excluded)."""
+    if len(features) <= k:
+        raise ValueError(f"need more than k={k} feature vectors for k-NN radii, got {len(features)}")
+    d = torch.cdist(features, features)
+    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
+
+
+def manifold_coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of `points` inside the union of balls B(centres[j], radii[j])."""
+    d = torch.cdist(points, centres)
+    return float((d <= radii[None, :]).any(dim=1).double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, arXiv 1904.06991, eq. 1-3) of feature sets.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the point's k-th
+    nearest neighbour in that set. Precision: the fraction of `fake` inside the real manifold (fidelity);
+    recall: the fraction of `real` inside the fake manifold (coverage; mode-dropping shows here).
+    """
+    real, fake = real.double(), fake.double()
+    precision = manifold_coverage(fake, real, knn_radii(real, k))
+    recall = manifold_coverage(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
 class ClassifierScore(NamedTuple):
     accuracy: float  # fraction whose argmax class is the intended label
     confidence: float  # mean softmax probability of the intended label
@@ -223,6 +251,8 @@ class FDDigits:
         self.reference, self.held_out = protocol_halves(resolution)
         self.count = len(self.held_out)  # 898
         self._floor: float | None = None
+        self._floor_pr: tuple[float, float] | None = None
+        self._reference_features: torch.Tensor | None = None
         # reset_real_features=False: reset() clears only the generated-side statistics.
         self._fid = FrechetInceptionDistance(feature=self.feature_net, reset_real_features=False).to(self.device)
         for start in range(0, len(self.reference), batch_size):
@@ -245,6 +275,37 @@ class FDDigits:
         if self._floor is None:
             self._floor = self(self.held_out)
         return self._floor
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge's features (N, 64) of float images in [-1, 1] (clamped)."""
+        check_images(images, self.resolution)
+        return torch.cat([
+            self.feature_net(images[start : start + self.batch_size].to(self.device).clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+
+    def precision_recall(self, images: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+        """Improved precision and recall (k = 3) of exactly `self.count` images against half A, in the judge's
+        features. The real half B gives the protocol's reference values (`floor_precision_recall`)."""
+        check_images(images, self.resolution, count=self.count)
+        if self._reference_features is None:
+            self._reference_features = self.features(self.reference)
+        return precision_recall(self._reference_features, self.features(images), k)
+
+    def floor_precision_recall(self) -> tuple[float, float]:
+        """Precision and recall of the real half B against half A: what a perfect generator would score."""
+        if self._floor_pr is None:
+            self._floor_pr = self.precision_recall(self.held_out)
+        return self._floor_pr
+
+    def report(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """FD-digits, precision, recall and (with `labels`) classifier accuracy of `self.count` images."""
+        precision, recall = self.precision_recall(images)
+        out = {"fd_digits": self(images), "precision": precision, "recall": recall}
+        if labels is not None:
+            out["accuracy"] = self.accuracy(images, labels).accuracy
+        return out
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> ClassifierScore:

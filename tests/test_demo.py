@@ -23,6 +23,10 @@ def test_demo_writes_pipeline_grid_and_metrics(tmp_path, capsys):
     floor, teacher, student = (rows[k]["fd_digits"] for k in rows)
     assert 0 < floor < teacher  # a 2-step teacher is far from real data
     assert student > 0 and rows[list(rows)[2]]["nfe"] == 1
+    for row in rows.values():
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["x_floor"] == row["fd_digits"] / floor
+    assert "precision" in printed and "recall" in printed and "x floor" in printed
     grid = Image.open(out / "teacher_vs_student.png")
     assert grid.size[0] > 10 * 16 and grid.size[1] > 8 * 16  # 10 columns x 8 rows of 16x16 digits (scaled)
     assert (out / "pipeline" / "model_index.json").is_file()

@@ -133,3 +133,59 @@ def test_accuracy_on_real_and_noise(judge):
     assert noise.accuracy < 0.5
     with pytest.raises(ValueError, match=r"\(300,\)"):
         judge.accuracy(images[:300], labels[:299])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision and recall (Kynkaanniemi et al. 2019)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_knn_radii_and_precision_recall_by_hand():
+    from distill.metrics import knn_radii, precision_recall
+
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    # k = 1: nearest neighbours at distance 1, 1, 1, 1, 7.
+    assert knn_radii(real, k=1).tolist() == [1.0, 1.0, 1.0, 1.0, 7.0]
+    fake = torch.tensor([[0.5], [2.5], [20.0], [1.5]])
+    # fake radii (k=1): 1.0, 1.0, 17.5, 1.0. Precision: 0.5, 2.5, 1.5 lie in the real balls; 20 does not (10 + 7 = 17).
+    # Recall: real 0, 1, 2, 3 lie within 1 of a fake point; 10 lies within 17.5 of 20.
+    p, r = precision_recall(real, fake, k=1)
+    assert p == pytest.approx(3 / 4) and r == pytest.approx(5 / 5)
+    p, r = precision_recall(real, torch.tensor([[0.0], [0.0], [0.5]]), k=1)
+    # A collapsed generator: every sample is faithful, but only real points 0 and 1 are covered (radii 0, 0, 0.5).
+    assert p == 1.0 and r == pytest.approx(2 / 5)
+
+
+def test_precision_recall_identical_sets_and_with_k_too_large():
+    from distill.metrics import precision_recall
+
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(x, x, k=3) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="k=3"):
+        precision_recall(x[:3], x, k=3)
+
+
+def test_judge_precision_recall_separates_collapse_from_noise(judge):
+    real = judge.held_out
+    p_floor, r_floor = judge.floor_precision_recall()
+    assert 0.85 < p_floor <= 1 and 0.85 < r_floor <= 1
+    # Mode collapse: one image per class repeated -> faithful (high precision) but almost no recall.
+    labels = torch.arange(len(real)) % 10
+    _, all_labels = data_train_labels()
+    firsts = torch.stack([real[(all_labels == c).nonzero()[0, 0]] for c in range(10)])
+    collapsed = firsts[labels]
+    p, r = judge.precision_recall(collapsed)
+    assert p > 0.8 and r < 0.05
+    # Heavy noise: neither faithful nor covering.
+    noisy = (real + torch.randn(real.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    p_noise, r_noise = judge.precision_recall(noisy)
+    assert p_noise < 0.5 * p_floor and r_noise < r_floor
+    report = judge.report(real, labels=torch.as_tensor(all_labels))
+    assert report["fd_digits"] == pytest.approx(judge.floor()) and report["accuracy"] > 0.99
+    assert (report["precision"], report["recall"]) == (p_floor, r_floor)
+
+
+def data_train_labels():
+    from distill.data import digits_split
+
+    return digits_split("train", 16)

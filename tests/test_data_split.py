@@ -1,0 +1,107 @@
+"""The digits protocol keeps the FD reference (half A) out of every training path.
+
+Half A's images are poisoned with NaN at the source (scikit-learn's loader); every path a generator trains on must
+then see only finite images. The negative controls show the poison is seen when a path does read half A.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import sklearn.datasets
+import torch
+from tiny import REPO
+
+from distill import data
+from distill.config import recipe_module
+
+REAL_LOADER = sklearn.datasets.load_digits
+
+
+@pytest.fixture
+def poisoned_half_a(monkeypatch):
+    """scikit-learn's digits with every half-A image set to NaN; returns half A's indices."""
+    bunch = REAL_LOADER()
+    half_a, _ = data.split_halves(len(bunch.images), seed=data.PROTOCOL_SPLIT_SEED)
+    images = bunch.images.astype(np.float64).copy()
+    images[half_a.numpy()] = np.nan
+    poisoned = sklearn.utils.Bunch(**{**bunch, "images": images, "data": images.reshape(len(images), -1)})
+    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda *a, **k: poisoned)
+    return half_a
+
+
+def test_protocol_halves_are_disjoint_and_cover_the_digits():
+    train_x, train_y = data.digits_split("train", 16)
+    ref_x, ref_y = data.digits_split("reference", 16)
+    assert (len(train_x), len(ref_x)) == (898, 899)
+    all_x, _ = data.load_digits(16)
+    flat = {tuple(r.tolist()) for r in all_x.flatten(1)}
+    assert len({tuple(r.tolist()) for r in train_x.flatten(1)} & {tuple(r.tolist()) for r in ref_x.flatten(1)}) <= \
+        len(all_x) - len(flat)  # only exact duplicate digits may appear in both
+    assert sorted(torch.cat([train_y, ref_y]).tolist()) == sorted(data.load_digits(16)[1].tolist())
+    with pytest.raises(ValueError, match="split"):
+        data.digits_split("all")
+
+
+def test_poison_is_seen_when_a_path_reads_half_a(poisoned_half_a):
+    # Negative controls: the judge's reference half and the whole set do contain the poison.
+    assert torch.isnan(data.digits_split("reference", 16)[0]).all()
+    assert torch.isnan(data.load_digits(16)[0]).any()
+
+
+def _dataset_names() -> set[str]:
+    names = set()
+    for path in (REPO / "recipes").glob("*.yaml"):
+        from distill.config import yaml_load
+
+        names.add((yaml_load(path.read_text()).get("data") or {}).get("name", "digits"))
+    return names
+
+
+def test_every_training_dataset_reads_only_the_train_half(poisoned_half_a):
+    for name in sorted(_dataset_names()):
+        ds = data.make_dataset(name, 16)
+        assert torch.isfinite(ds.images).all(), f"data.name={name} reaches half A"
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            batch = ds.sample(64, g)
+            assert batch.images is None or torch.isfinite(batch.images).all()
+
+
+def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp_path, one_thread):
+    """Every shipped recipe config, built as the trainer builds it: its dataset (real images of GAN heads and
+    regression terms come from there) holds no half-A image."""
+    from distill.config import load_config
+    from distill.recipes import build_recipe
+
+    for path in sorted((REPO / "recipes").glob("*_digits.yaml")):
+        cfg = load_config(path, [f"teacher.path={tiny_teacher}", "data.resolution=8", f"run.output_dir={tmp_path}"])
+        try:
+            _, dataset = build_recipe(cfg, torch.device("cpu"))
+        except FileNotFoundError:
+            continue  # a recipe that needs a generated store first (pairs) is covered by its own store test
+        assert torch.isfinite(dataset.images).all(), f"{path.name} trains on half A"
+        assert recipe_module(cfg.recipe_name) is not None
+
+
+def _teacher_script():
+    spec = importlib.util.spec_from_file_location("train_digits_teacher", REPO / "scripts" / "train_digits_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("which, reaches_half_a", [("train", False), ("all", True)])
+def test_teacher_script_trains_on_the_train_half(poisoned_half_a, tmp_path, monkeypatch, one_thread, which,
+                                                 reaches_half_a):
+    script = _teacher_script()
+    monkeypatch.setattr(sys, "argv", ["train_digits_teacher.py", "--out", str(tmp_path / "t"), "--steps", "3",
+                                      "--batch-size", "256", "--data", which, "--resolution", "8"])
+    script.main()
+    loss = json.loads((tmp_path / "t" / "training_args.json").read_text())["final_loss_ema"]
+    # 3 x 256 draws from 898 or 1,797 images: with half A in the pool a NaN image is drawn for certain.
+    assert np.isnan(loss) == reaches_half_a
