@@ -63,7 +63,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
     if trainer.accelerator.is_main_process:
-        report = compare_teacher_student(cfg, pipeline_dir, out, teacher_steps=args.teacher_steps)
+        from distill.evaluate import DEFAULT_TEACHER_STEPS
+
+        steps = args.teacher_steps if args.teacher_steps is not None else DEFAULT_TEACHER_STEPS
+        report = compare_teacher_student(cfg, pipeline_dir, out, teacher_steps=steps)
         print(report)
     return 0
 
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_export)
     d = sub.add_parser("demo", help="distill the bundled digits teacher into a one-step student and evaluate it")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--teacher-steps", type=int, default=50)
+    d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "
+                   "(default: the digits teacher's 20, docs/teacher.md)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/dmd2_digits.yaml")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -15,6 +15,9 @@ import torch
 
 from distill.config import Config, resolve_path
 
+#: the digits teacher's default sampling steps (DPM-Solver++(2M)): at the floor from 20 steps on (docs/teacher.md)
+DEFAULT_TEACHER_STEPS = 20
+
 
 def student_images(pipeline_dir: str | Path, labels: torch.Tensor, seed: int, num_steps: int | None = None,
                    batch_size: int = 512) -> torch.Tensor:
@@ -45,7 +48,7 @@ def teacher_images(cfg: Config, labels: torch.Tensor, seed: int, num_steps: int)
     return sample(teacher, {"class_labels": labels}, noise, num_steps=num_steps, guidance_scale=cfg.teacher.guidance_scale)
 
 
-def compare_teacher_student(cfg: Config, pipeline_dir: str | Path, out_dir: str | Path, teacher_steps: int = 50,
+def compare_teacher_student(cfg: Config, pipeline_dir: str | Path, out_dir: str | Path, teacher_steps: int = DEFAULT_TEACHER_STEPS,
                             seed: int = 1234) -> str:
     """FD-digits and accuracy for the teacher (`teacher_steps`) and the exported student; writes
     `<out_dir>/teacher_vs_student.png` and `<out_dir>/metrics.json`; returns a printable report."""

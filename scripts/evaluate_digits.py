@@ -1,6 +1,6 @@
 """Evaluate a finished digits run: FD-digits and accuracy of the teacher and of the exported student.
 
-    python scripts/evaluate_digits.py runs/dmd2_digits [--pipeline runs/dmd2_digits/pipeline] [--teacher-steps 50]
+    python scripts/evaluate_digits.py runs/dmd2_digits [--pipeline runs/dmd2_digits/pipeline] [--teacher-steps 20]
 
 The student is loaded from its exported pipeline folder with plain diffusers. Writes
 <run>/teacher_vs_student.png and <run>/metrics.json and prints the table.
@@ -12,14 +12,14 @@ import argparse
 from pathlib import Path
 
 from distill.config import load_config
-from distill.evaluate import compare_teacher_student
+from distill.evaluate import DEFAULT_TEACHER_STEPS, compare_teacher_student
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--pipeline", default=None, help="exported folder (default: <run_dir>/pipeline)")
-    ap.add_argument("--teacher-steps", type=int, default=50)
+    ap.add_argument("--teacher-steps", type=int, default=DEFAULT_TEACHER_STEPS)
     ap.add_argument("--teacher-guidance", type=float, default=None, help="override the run's teacher.guidance_scale")
     args = ap.parse_args()
     run = Path(args.run_dir)
