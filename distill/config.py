@@ -415,9 +415,12 @@ def build_config(data: dict) -> Config:
     cfg = validate_section(Config, data)
     cfg.recipe_name = name
     cfg.recipe = validate_section(module.Config, recipe_data, "recipe")
-    teacher_dir = resolve_path(cfg.teacher.path)
-    if not teacher_dir.is_dir():
-        raise ConfigError(f"teacher.path: folder {str(teacher_dir)!r} does not exist")
+    # The files the config names, checked before anything is loaded or written (distill/files.py).
+    from distill.files import check_checkpoint, check_teacher_folder
+
+    check_teacher_folder(resolve_path(cfg.teacher.path), "teacher.path")
+    if cfg.trainer.resume not in (None, "latest"):
+        check_checkpoint(Path(cfg.trainer.resume).expanduser(), "trainer.resume")
     return cfg
 
 
