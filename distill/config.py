@@ -165,12 +165,13 @@ class ExportConfig(Section):
 
 
 class Config(Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="where the run writes, its seed and length")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the diffusion model to distill")
+    data: DataConfig = Field(default_factory=DataConfig, description="the images and conditions trained on")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the distilled model's sampler")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="optimizers, precision, clipping, "
+                                                                             "EMA, checkpoints, logging")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="the stock diffusers pipeline")
     #: the recipe's name (module distill.recipes.<name>) and its own validated config (set by build_config).
     recipe_name: str = "dmd2"
     recipe: Any = None
