@@ -182,8 +182,13 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix[:-1]]
 
 
+#: keys that say where a run is and how it was started, not what it is: a moved or resumed run is the same run.
+NOT_THE_RUN = ("run.output_dir", "trainer.resume")
+
+
 def saved_config_changes(cfg: Config) -> list[str] | None:
-    """Keys in which `run.output_dir`/config.yaml differs from `cfg`; None when there is no config.yaml."""
+    """Keys (other than NOT_THE_RUN) in which `run.output_dir`/config.yaml differs from `cfg`; None when there
+    is no config.yaml."""
     saved = Path(cfg.run.output_dir) / "config.yaml"
     if not saved.is_file():
         return None
@@ -191,7 +196,7 @@ def saved_config_changes(cfg: Config) -> list[str] | None:
         old = yaml.safe_load(saved.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return ["config.yaml (unreadable)"]
-    return changed_keys(old, yaml.safe_load(config_to_yaml(cfg)))
+    return [k for k in changed_keys(old, yaml.safe_load(config_to_yaml(cfg))) if k not in NOT_THE_RUN]
 
 
 def check_run_dir(cfg: Config) -> None:
