@@ -256,6 +256,21 @@ def test_every_key_is_described():
     assert not missing, f"keys without a description: {missing}"
 
 
+def test_every_key_declares_its_range():
+    # Bad values are derived from declarations, so a key that declares nothing would be tested with nothing: every
+    # number declares a bound (ge/gt/le/lt), every string a min_length or pattern; bools, Literals and sections
+    # carry their range in their type. (Removing `gt=0` from recipe.dmd_weight fails here.)
+    bare = []
+    for k in ALL_KEYS:
+        ann = _split_nullable(k.annotation)[0]
+        b = _bounds(k.metadata)
+        if ann in (int, float) and not {"ge", "gt", "le", "lt"} & b.keys():
+            bare.append(f"{k.dotted} (a number without a bound)")
+        if ann is str and not ({"min_length", "pattern"} & b.keys()):
+            bare.append(f"{k.dotted} (a string that may be empty)")
+    assert not bare, f"keys that declare no range: {bare}"
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_defaults_load(recipe):
     # The bad values below are single changes from the defaults, so the defaults themselves must load.
@@ -360,6 +375,33 @@ def test_relations_are_refused_by_name(unit):
         hit = [m for m in refused if m.startswith(where)] if section else refused
         assert hit, (f"{cls.__module__}.{cls.__name__}{'.' + '.'.join(section) if section else ''} declares a relation "
                      "that no in-range pair of values trips: the search cannot check it (see docs/config.md)")
+
+
+# A ratchet beside the derived cases (which vanish with the declaration they come from): values that must stay
+# refused whatever a declaration says. Removing `multiple_of=4` from data.resolution or `ge=1` from log_every
+# fails here.
+PINNED_BAD = {
+    "dmd2": [("run.output_dir", ""), ("run.output_dir", " "), ("run.max_steps", 0), ("run.seed", -1),
+             ("teacher.guidance_scale", -1.0), ("data.resolution", 10), ("data.resolution", 4),
+             ("data.batch_size", 0), ("student.num_steps", 0), ("trainer.generator.lr", 0.0),
+             ("trainer.generator.lr", -1e-4), ("trainer.critic.weight_decay", -0.1), ("trainer.critic_steps", 0),
+             ("trainer.gradient_accumulation_steps", 0), ("trainer.max_grad_norm", 0.0),
+             ("trainer.max_grad_norm", -1.0), ("trainer.ema_decay", 1.0), ("trainer.ema_decay", -0.5),
+             ("trainer.checkpoint_every", -1), ("trainer.keep_checkpoints", 0), ("trainer.sample_every", -1),
+             ("trainer.log_every", 0), ("trainer.max_consecutive_nonfinite", -1), ("trainer.resume", ""),
+             ("recipe.min_t", -0.1), ("recipe.max_t", 1.5), ("recipe.dmd_weight", 0.0), ("recipe.dmd_weight", -1.0),
+             ("recipe.gan_generator_weight", -1.0), ("recipe.gan_critic_weight", -1.0)],
+}
+
+
+@pytest.mark.parametrize("recipe, key, value", [(r, k, v) for r, pairs in PINNED_BAD.items() for k, v in pairs])
+def test_pinned_bad_values_stay_refused(recipe, key, value):
+    from distill.config import apply_overrides
+
+    data = apply_overrides({"recipe": {"name": recipe}}, [f"{key}={_yaml_value(value)}"])
+    with pytest.raises(ConfigError) as e:
+        build_config(data)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
 def test_documented_relations():

@@ -334,6 +334,9 @@ ISSUE_13 = [
 @pytest.mark.parametrize("override, message", ISSUE_13, ids=[o for o, _ in ISSUE_13])
 def test_issue_13_inputs(override, message, tmp_path, capsys):
     extra = [] if override.startswith("run.output_dir") else [f"run.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError) as e:  # first in-process: were it accepted, the CLI below would train
+        load_config(DIGITS_YAML, [*extra, override])
+    assert str(e.value) == message
     err = cli_error(capsys, ["train", str(DIGITS_YAML), *extra, override])
     assert err.strip() == f"distill: error: {message}"
     assert not (tmp_path / "run").exists()
