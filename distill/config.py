@@ -13,7 +13,9 @@ Conventions for every section, base or recipe:
 * checking is strict: no "3" for an int, no 1.5 for an int, no 1 for a bool, no NaN or inf anywhere.
 
 Everything is checked when the config is loaded, before any model is loaded or any folder is written; an error
-is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid.
+is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid
+(written from the declaration by :func:`describe`). The files a config names are checked by distill/files.py.
+docs/config.md is the guide for recipe authors; tests/test_config_properties.py derives bad values for every key.
 """
 
 from __future__ import annotations
