@@ -211,11 +211,11 @@ def check_run_dir(cfg: Config) -> None:
     entries = _checkpoint_entries(run_dir)
     changes = saved_config_changes(cfg)
     if entries:
-        why = f"checkpoints ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+        why = f"checkpoints {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}"
     elif changes:
         why = f"a config.yaml that differs in {', '.join(changes[:5])}{', ...' if len(changes) > 5 else ''}"
     else:
         return
     raise ConfigError(
-        f"run.output_dir: {str(run_dir)!r} already holds another run ({why}); continue it with "
+        f"run.output_dir: {str(run_dir)!r} already holds another run: {why}; continue it with "
         f"trainer.resume=latest, or choose another run.output_dir")

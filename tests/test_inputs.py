@@ -216,7 +216,7 @@ def test_output_dir_with_another_run_is_refused_untouched(tiny_teacher, trained_
     for extra in ([], ["student.num_steps=2"]):  # the same config, or another: its checkpoints are not this run's
         err = cli_error(capsys, ["train", str(DIGITS_YAML),
                                  *tiny_overrides(tiny_teacher, run, "trainer.checkpoint_every=1", *extra)])
-        assert f"run.output_dir: '{run}' already holds another run (checkpoints (step-00000001" in err
+        assert f"run.output_dir: '{run}' already holds another run: checkpoints step-00000001, step-00000002;" in err
         assert "trainer.resume=latest" in err and "choose another run.output_dir" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
@@ -228,7 +228,7 @@ def test_output_dir_config_without_checkpoints(tiny_teacher, tmp_path):
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     check_run_dir(cfg)  # the same run again (it never checkpointed): allowed, it rewrites the same files
     other = tiny_config(tiny_teacher, run, "run.seed=5", "data.batch_size=2")
-    with pytest.raises(ConfigError, match=r"config.yaml that differs in run.seed, data.batch_size\); continue"):
+    with pytest.raises(ConfigError, match=r"another run: a config.yaml that differs in run.seed, data.batch_size; continue"):
         check_run_dir(other)
     check_run_dir(tiny_config(tiny_teacher, run, "run.seed=5", "trainer.resume=latest"))  # resume: allowed
     (run / "config.yaml").unlink()
