@@ -23,10 +23,26 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def preflight(cfg) -> None:
+    """Everything about the run's folders that can be checked before a model is loaded: run.output_dir holds no
+    other run, and the checkpoint trainer.resume=latest would pick is complete (the config's own files were
+    checked when it was loaded)."""
+    from distill.files import check_checkpoint, check_run_dir
+
+    check_run_dir(cfg)
+    if cfg.trainer.resume == "latest":
+        from distill.trainer import latest_checkpoint
+
+        ckpt = latest_checkpoint(cfg.run.output_dir)
+        if ckpt is not None:
+            check_checkpoint(ckpt, "trainer.resume")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     from distill.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     out = trainer.train()
     if trainer.accelerator.is_main_process:
@@ -37,16 +53,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from distill.files import check_checkpoint
     from distill.trainer import Trainer, latest_checkpoint
 
     run_dir = Path(args.run_dir)
     cfg_file = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
     if not cfg_file.is_file():
         raise ConfigError(f"{str(cfg_file)!r} is missing: {str(run_dir)!r} is not a distill run directory")
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if ckpt is None:
-        raise ConfigError(f"no complete checkpoint under {str(run_dir / 'checkpoints')!r}")
-    cfg = load_config(cfg_file, [f"run.output_dir={run_dir}"])
+        raise ConfigError(f"no complete checkpoint under {str(run_dir / 'checkpoints')!r} (trainer.checkpoint_every "
+                          "was 0, or the run stopped before its first checkpoint)")
+    step = check_checkpoint(ckpt, "--checkpoint" if args.checkpoint else None)
+    if step == 0:
+        raise ConfigError(f"checkpoint {str(ckpt)!r} is at step 0: its student is the untrained copy of the teacher; "
+                          "refusing to export it as a distilled model")
+    try:
+        # The run's own resume setting is history (its checkpoint may be pruned by now); the export loads `ckpt`.
+        cfg = load_config(cfg_file, [f"run.output_dir={run_dir}", "trainer.resume=null"])
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
     trainer = Trainer(cfg)
     trainer.load_checkpoint(ckpt)
     out = trainer.export(args.out_dir)
@@ -60,6 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     cfg = load_config(DEMO_CONFIG, [f"run.output_dir={out}", *args.overrides])
+    preflight(cfg)
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
     if trainer.accelerator.is_main_process:

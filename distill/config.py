@@ -13,7 +13,9 @@ Conventions for every section, base or recipe:
 * checking is strict: no "3" for an int, no 1.5 for an int, no 1 for a bool, no NaN or inf anywhere.
 
 Everything is checked when the config is loaded, before any model is loaded or any folder is written; an error
-is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid.
+is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid
+(written from the declaration by :func:`describe`). The files a config names are checked by distill/files.py.
+docs/config.md is the guide for recipe authors; tests/test_config_properties.py derives bad values for every key.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import re
 import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,26 +78,39 @@ def require(ok: bool, key: str, message: str) -> None:
         raise PydanticCustomError("relation", "{message}", {"key": key, "message": message})
 
 
+#: a path: not empty, not only blanks (`run.output_dir=` must not mean "the current directory").
+PATH_PATTERN = r"^\s*\S"
+
+
 class RunConfig(Section):
-    output_dir: str = Field("runs/default", min_length=1,
-                            description="the run directory (checkpoints, logs, samples, the exported pipeline)")
-    seed: int = Field(0, ge=0)
-    max_steps: int = Field(1000, ge=1, description="generator updates")
+    output_dir: str = Field("runs/default", min_length=1, pattern=PATH_PATTERN,
+                            description="the run directory (config.yaml, checkpoints, logs, samples, the exported "
+                                        "pipeline); a folder that holds another run is refused unless "
+                                        "trainer.resume is set")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds model heads, noise and data batches (with the "
+                                                           "step and rank)")
+    max_steps: int = Field(1000, ge=1, description="generator updates; at least one, so nothing untrained is "
+                                                   "exported as a result")
 
 
 class TeacherConfig(Section):
-    path: str = Field("builtin:digits_teacher", min_length=1,
-                      description="a diffusers folder (`unet/` or `transformer/` + `scheduler/`), or "
-                                  "`builtin:digits_teacher`")
+    path: str = Field("builtin:digits_teacher", min_length=1, pattern=PATH_PATTERN,
+                      description="a diffusers folder (`unet/` or `transformer/` with config.json and safetensors "
+                                  "weights, `scheduler/scheduler_config.json`), or `builtin:digits_teacher`; "
+                                  "checked when the config is loaded")
     prediction: Literal["x0", "epsilon", "v", "flow", "trigflow", "edm", "cm"] | None = Field(
         None, description="the network's output kind; null infers it from the scheduler config")
     guidance_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance, convention uncond + w "
-                                                           "(cond - uncond); 1.0 = the plain conditional model")
+                                                           "(cond - uncond); 1.0 = the plain conditional model, "
+                                                           "0.0 = the unconditional one")
 
 
 class DataConfig(Section):
-    name: Literal["digits"] = "digits"
-    resolution: int = Field(16, ge=8, multiple_of=4, description="image side in pixels (digits: 8x8 upsampled)")
+    name: Literal["digits"] = Field("digits", description="the data set (digits: the train half of scikit-learn's "
+                                                         "digits, distill.data.digits_split)")
+    resolution: int = Field(16, ge=8, le=1024, multiple_of=4,
+                            description="image side in pixels (digits: 8x8 upsampled); a multiple of 4 for the "
+                                        "UNet's two downsamplings")
     batch_size: int = Field(64, ge=1, description="per process and micro-batch")
 
 
@@ -104,41 +119,47 @@ class StudentConfig(Section):
                                                           "usually); the export bakes them in")
 
 
-class OptimizerConfig(Section):
-    lr: float = Field(1e-5, gt=0.0)
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up in updates; 0 = none")
+#: an Adam beta: in [0, 1) (1 would never forget; torch refuses it).
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> "OptimizerConfig":
-        for i, b in enumerate(self.betas):
-            require(0.0 <= b < 1.0, f"betas[{i}]", f"must be in [0, 1), got {b}")
-        return self
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate (after warm-up)")
+    betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 = none")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up in updates, at most run.max_steps; 0 = none")
 
 
 class TrainerConfig(Section):
-    generator: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    critic: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    generator: OptimizerConfig = Field(default_factory=OptimizerConfig, description="the student's optimizer")
+    critic: OptimizerConfig = Field(default_factory=OptimizerConfig,
+                                    description="the critic's optimizer (recipes without a critic ignore it)")
     critic_steps: int = Field(1, ge=1, description="critic (fake score) updates per generator update: DMD2's "
                                                     "two time-scale rule")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per update")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description='"auto" = bf16 on CUDA, fp32 elsewhere')
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null = no clipping (the "
                                                                   "norm is still measured)")
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA of the generator; 0 = the raw weights")
-    checkpoint_every: int = Field(500, ge=0, description="updates between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_every: int = Field(500, ge=0, description="updates between sample grids; 0 = never")
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=0, description="updates between checkpoints (and one at the last "
+                                                         "update); 0 = never, not even at the end (then "
+                                                         "`distill export` and trainer.resume have nothing to "
+                                                         "read)")
+    keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints kept; older ones are deleted")
+    sample_every: int = Field(500, ge=0, description="updates between sample grids (<output_dir>/samples); "
+                                                     "0 = never")
+    log_every: int = Field(10, ge=1, description="updates between log lines (and the last update)")
     on_nonfinite: Literal["skip", "stop"] = Field(
         "skip", description='a non-finite loss or gradient: "skip" the update (counted, logged) or "stop"')
-    max_consecutive_nonfinite: int = Field(20, ge=0, description="stop anyway after this many consecutive "
-                                                                 "skipped updates of one network")
-    resume: str | None = Field(None, min_length=1, description='null (fresh), "latest" (newest complete '
-                                                               'checkpoint of the run, else fresh) or a path')
-    progress_bar: bool = True
+    max_consecutive_nonfinite: int = Field(20, ge=0, description="stop anyway after more than this many "
+                                                                 "consecutive skipped updates of one network; "
+                                                                 "0 = stop at the first one")
+    resume: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
+                               description='null (fresh; refused if run.output_dir holds another run), "latest" '
+                                           '(newest complete checkpoint of the run, else fresh) or the path of a '
+                                           'checkpoint folder (checked when the config is loaded)')
+    progress_bar: bool = Field(True, description="a tqdm bar on the main process; false = log lines instead")
 
 
 class ExportConfig(Section):
@@ -146,12 +167,13 @@ class ExportConfig(Section):
 
 
 class Config(Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="where the run writes, its seed and length")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the diffusion model to distill")
+    data: DataConfig = Field(default_factory=DataConfig, description="the images and conditions trained on")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the distilled model's sampler")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="optimizers, precision, clipping, "
+                                                                             "EMA, checkpoints, logging")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="the stock diffusers pipeline")
     #: the recipe's name (module distill.recipes.<name>) and its own validated config (set by build_config).
     recipe_name: str = "dmd2"
     recipe: Any = None
@@ -192,6 +214,85 @@ def _valid_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def field_at(cls: type[BaseModel], loc: tuple) -> tuple[Any, list] | None:
+    """(annotation, constraint metadata) of the value at `loc` (field names, tuple indices) under section `cls`."""
+    ann: Any = cls
+    meta: list = []
+    for part in loc:
+        if isinstance(part, str) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            field = ann.model_fields.get(part)
+            if field is None:
+                return None
+            ann, meta = field.annotation, list(field.metadata)
+        elif isinstance(part, int) and get_origin(ann) is tuple and part < len(get_args(ann)):
+            ann, meta = get_args(ann)[part], []
+        else:
+            return None
+        ann, more = _unwrap(ann)
+        meta += more
+    return ann, meta
+
+
+def _unwrap(ann: Any) -> tuple[Any, list]:
+    """`Annotated[T, Field(...)]` -> (T, its constraint metadata); anything else -> (ann, [])."""
+    if get_origin(ann) is not Annotated:
+        return ann, []
+    base, *extra = get_args(ann)
+    meta: list = []
+    for item in extra:
+        meta += list(getattr(item, "metadata", [item]))
+    return base, meta
+
+
+def _number(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+#: annotated_types constraint class -> the attribute holding its value (what pydantic's Field(ge=...) declares).
+_BOUND_ATTR = {"Ge": "ge", "Gt": "gt", "Le": "le", "Lt": "lt", "MultipleOf": "multiple_of", "MinLen": "min_length",
+               "MaxLen": "max_length"}
+
+
+def describe(ann: Any, meta: list) -> str:
+    """What a value of a field must be, in words: `an integer >= 8 and a multiple of 4`, `a number in [0, 1)`,
+    `one of 'skip', 'stop'`, `a number > 0, or null`."""
+    args = get_args(ann)
+    nullable = get_origin(ann) in (Union, types.UnionType) and type(None) in args
+    if nullable:
+        rest = [a for a in args if a is not type(None)]
+        ann = rest[0] if len(rest) == 1 else ann
+    bound = {type(m).__name__: getattr(m, _BOUND_ATTR[type(m).__name__]) for m in meta
+             if type(m).__name__ in _BOUND_ATTR}
+    lo = ("[", bound["Ge"]) if "Ge" in bound else ("(", bound["Gt"]) if "Gt" in bound else None
+    hi = (bound["Le"], "]") if "Le" in bound else (bound["Lt"], ")") if "Lt" in bound else None
+    if get_origin(ann) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in get_args(ann))
+    elif ann is bool:
+        text = "true or false"
+    elif ann in (int, float):
+        text = "an integer" if ann is int else "a number"
+        if lo and hi:
+            text += f" in {lo[0]}{_number(lo[1])}, {_number(hi[0])}{hi[1]}"
+        elif lo:
+            text += f" {'>=' if lo[0] == '[' else '>'} {_number(lo[1])}"
+        elif hi:
+            text += f" {'<=' if hi[1] == ']' else '<'} {_number(hi[0])}"
+        if "MultipleOf" in bound:
+            text += f" and a multiple of {_number(bound['MultipleOf'])}"
+    elif ann is str:
+        text = "a non-empty string" if bound.get("MinLen") or any(getattr(m, "pattern", None) for m in meta) \
+            else "a string"
+    elif get_origin(ann) is tuple:
+        items = [describe(*_unwrap(a)) for a in get_args(ann)]
+        same = len(set(items)) == 1
+        text = f"a list of {len(items)} items, " + (f"each {items[0]}" if same else ", ".join(items))
+    elif isinstance(ann, type) and issubclass(ann, BaseModel):
+        text = "a mapping"
+    else:
+        text = "a valid value"
+    return text + (", or null" if nullable else "")
+
+
 def _message(cls: type[BaseModel], err: dict, prefix: str) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
@@ -200,23 +301,20 @@ def _message(cls: type[BaseModel], err: dict, prefix: str) -> str:
     if kind == "extra_forbidden":
         return (f"unknown config key {_dotted(prefix, loc)}; valid keys here: "
                 f"{[k for k in _valid_keys(cls, loc[:-1]) if k not in ('recipe', 'recipe_name')]}")
-    msg = err["msg"]
-    if kind in ("missing", "too_long", "too_short") and loc and isinstance(loc[-1], int) or kind == "too_long":
+    if kind == "missing" and loc and isinstance(loc[-1], int) or kind == "too_long":
         loc = loc[:-1] if loc and isinstance(loc[-1], int) else loc
-        return f"{_dotted(prefix, loc)}: wrong number of items ({msg})"
+        found = field_at(cls, loc)
+        what = describe(*found) if found else "the declared number of items"
+        return f"{_dotted(prefix, loc)}: wrong number of items, must be {what}, got {err.get('input')!r}"
     if kind == "missing":
         return f"{_dotted(prefix, loc)}: required key missing"
+    found = field_at(cls, loc)
+    if found is None:
+        return f"{_dotted(prefix, loc)}: {err['msg']}, got {err.get('input')!r}"
+    what = describe(*found)
     if kind == "finite_number":
-        msg = "must be a finite number"
-    elif kind in ("int_type", "int_parsing", "int_from_float"):
-        msg = "expected an integer"
-    elif kind in ("float_type", "float_parsing"):
-        msg = "expected a number"
-    elif kind == "bool_type":
-        msg = "expected true/false"
-    elif kind in ("model_type", "model_attributes_type", "dict_type"):
-        msg = "expected a mapping"
-    return f"{_dotted(prefix, loc)}: {msg}, got {err.get('input')!r}"
+        what = what.replace("a number", "a finite number")
+    return f"{_dotted(prefix, loc)}: must be {what}, got {err.get('input')!r}"
 
 
 def validate_section(cls: type[BaseModel], data: Any, prefix: str = "") -> Any:
@@ -229,7 +327,11 @@ def validate_section(cls: type[BaseModel], data: Any, prefix: str = "") -> Any:
         # JSON strict mode: lists are tuples, ints are floats, and nothing else is coerced.
         return cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as e:
-        messages = [_message(cls, err, prefix) for err in e.errors(include_url=False)]
+        errors = e.errors(include_url=False)
+        # A list of the wrong length is reported before what is wrong with its items.
+        errors.sort(key=lambda err: not (err["type"] == "too_long" or err["type"] == "missing" and err["loc"]
+                                         and isinstance(err["loc"][-1], int)))
+        messages = [_message(cls, err, prefix) for err in errors]
         raise ConfigError("; ".join(dict.fromkeys(messages))) from None
 
 
@@ -316,9 +418,12 @@ def build_config(data: dict) -> Config:
     cfg = validate_section(Config, data)
     cfg.recipe_name = name
     cfg.recipe = validate_section(module.Config, recipe_data, "recipe")
-    teacher_dir = resolve_path(cfg.teacher.path)
-    if not teacher_dir.is_dir():
-        raise ConfigError(f"teacher.path: folder {str(teacher_dir)!r} does not exist")
+    # The files the config names, checked before anything is loaded or written (distill/files.py).
+    from distill.files import check_checkpoint, check_teacher_folder
+
+    check_teacher_folder(resolve_path(cfg.teacher.path), "teacher.path")
+    if cfg.trainer.resume not in (None, "latest"):
+        check_checkpoint(Path(cfg.trainer.resume).expanduser(), "trainer.resume")
     return cfg
 
 

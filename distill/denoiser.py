@@ -169,8 +169,10 @@ def load_denoiser(
     model_config = json.loads((root / subfolder / "config.json").read_text())
     class_name = model_config.get("_class_name")
     model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
-    if model_cls is None:
-        raise ValueError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
+    if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
+        from distill.config import ConfigError
+
+        raise ConfigError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
     model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
     model.requires_grad_(trainable)
     model.train(trainable)

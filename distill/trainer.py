@@ -26,7 +26,8 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
-from distill.config import Config, OptimizerConfig, config_to_yaml, to_dict
+from distill.config import Config, ConfigError, OptimizerConfig, config_to_yaml, to_dict
+from distill.files import check_checkpoint, check_run_dir, saved_config_changes
 
 logger = logging.getLogger("distill")
 
@@ -220,7 +221,12 @@ class Trainer:
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{str(state_file)!r} is missing: {str(path)!r} is not a complete checkpoint")
-        self.accelerator.load_state(str(path))
+        check_checkpoint(path)  # truncated or corrupt files: a named error, before accelerate reads them
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. weights of other shapes: another recipe or model
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint {str(path)!r} does not fit this run's networks: {first}") from e
         state = json.loads(state_file.read_text())
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
@@ -241,6 +247,7 @@ class Trainer:
             ckpt = Path(resume)
             if not ckpt.is_dir():
                 raise FileNotFoundError(f"trainer.resume: checkpoint folder {resume!r} does not exist")
+        check_checkpoint(ckpt, "trainer.resume")
         self.load_checkpoint(ckpt)
 
     # -- EMA ------------------------------------------------------------------------------------------------
@@ -345,6 +352,12 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> Path:
         acc, cfg = self.accelerator, self.cfg
+        check_run_dir(cfg)  # another run in run.output_dir: refused before anything is written there
+        changed = saved_config_changes(cfg)
+        if changed and acc.is_main_process:
+            logger.info("trainer.resume=%s: %s held a config.yaml that differs in %s; replaced by this run's",
+                        cfg.trainer.resume, self.run_dir, ", ".join(changed))
+        acc.wait_for_everyone()  # every rank has read the folder before the main process writes to it
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
@@ -380,10 +393,14 @@ class Trainer:
         acc.end_training()
         return out
 
-    def export(self, out_dir: str | Path) -> Path:
-        """Write the EMA student as a stock diffusers pipeline (main process only)."""
+    def export(self, out_dir: str | Path, allow_untrained: bool = False) -> Path:
+        """Write the EMA student as a stock diffusers pipeline (main process only). A student that has had no
+        update (step 0) is the teacher's copy, not a distilled model: refused unless `allow_untrained`."""
         from distill.export import export_pipeline
 
+        if self.step == 0 and not allow_untrained:
+            raise ConfigError(f"refusing to export an untrained student to {str(out_dir)!r}: the trainer is at step "
+                              "0 (no update ran; load a checkpoint or train first)")
         out_dir = Path(out_dir)
         if self.accelerator.is_main_process:
             with self.ema_weights() as gen:

@@ -33,12 +33,18 @@ from distill.trainer import Batch, frozen, unwrap
 
 class Config(Section):
     min_t: float = Field(0.02, ge=0.0, le=1.0, description="lowest noise level of the DMD gradient and the "
-                                                           "fake-score loss, in unit time (DMD2: 0.02 T)")
-    max_t: float = Field(0.98, ge=0.0, le=1.0, description="highest noise level, unit time (DMD2: 0.98 T)")
-    dmd_weight: float = Field(1.0, gt=0.0)
+                                                           "fake-score loss, in unit time (0 clean, 1 noisiest; "
+                                                           "DMD2: 0.02 T); below recipe.max_t")
+    max_t: float = Field(0.98, ge=0.0, le=1.0, description="highest noise level, unit time (DMD2: 0.98 T); above "
+                                                           "recipe.min_t")
+    dmd_weight: float = Field(1.0, gt=0.0, description="weight of the distribution matching loss (DMD2 eq. 2); "
+                                                       "> 0, a negative weight would climb the KL")
     gan: bool = Field(False, description="a GAN head on the fake score's bottleneck features, against real images")
-    gan_generator_weight: float = Field(5e-3, ge=0.0, description="DMD2's SDXL runs: 5e-3")
-    gan_critic_weight: float = Field(1e-2, ge=0.0, description="DMD2's SDXL runs: 1e-2")
+    gan_generator_weight: float = Field(5e-3, ge=0.0, description="weight of the generator's non-saturating GAN "
+                                                                  "loss (DMD2's SDXL runs: 5e-3); 0 = none; used "
+                                                                  "with recipe.gan only")
+    gan_critic_weight: float = Field(1e-2, ge=0.0, description="weight of the critic's GAN loss (DMD2's SDXL runs: "
+                                                               "1e-2); 0 = none; used with recipe.gan only")
 
     @model_validator(mode="after")
     def _relations(self) -> "Config":

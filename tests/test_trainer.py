@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tiny import tiny_config, weights
 
-from distill.config import load_config
+from distill.config import ConfigError, load_config
 from distill.trainer import NonFiniteError, Trainer, latest_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,9 +181,9 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_missing_path_fails(t
     trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "fresh", "trainer.resume=latest"))
     trainer.maybe_resume()
     assert trainer.step == 0
-    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "other", f"trainer.resume={tmp_path / 'nope'}"))
-    with pytest.raises(FileNotFoundError, match="trainer.resume"):
-        trainer.maybe_resume()
+    # A resume path that does not exist is refused when the config is loaded, before any model is built.
+    with pytest.raises(ConfigError, match="trainer.resume: checkpoint folder .*nope.* does not exist"):
+        tiny_config(tiny_teacher, tmp_path / "other", f"trainer.resume={tmp_path / 'nope'}")
 
 
 def test_keep_checkpoints_prunes_old_ones(tiny_teacher, tmp_path):
