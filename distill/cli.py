@@ -2,6 +2,8 @@
 
     distill train CONFIG [key=value ...]     train a recipe (also under `accelerate launch -m distill.cli train ...`)
     distill export RUN_DIR OUT_DIR           write the run's latest EMA student as a stock diffusers pipeline
+    distill pairs CONFIG [key=value ...]     write the teacher ODE pair store of CONFIG's `recipe.pairs` (resumable;
+                                             also under `accelerate launch -m distill.cli pairs ...`)
     distill demo [--out DIR] [key=value ...] the main job: DMD2 on the bundled digits teacher, export, grid, FD-digits
 """
 
@@ -82,6 +84,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from distill.pairs import generate_from_config
+
+    root = generate_from_config(load_config(args.config, args.overrides))
+    print(f"pair store: {root}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from distill.evaluate import compare_teacher_student
     from distill.trainer import Trainer
@@ -112,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir")
     e.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the run's latest)")
     e.set_defaults(fn=cmd_export)
+    pr = sub.add_parser("pairs", help="generate (or resume) the teacher ODE pair store of a config's recipe.pairs")
+    pr.add_argument("config")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. recipe.pairs.num_pairs=2048")
+    pr.set_defaults(fn=cmd_pairs)
     d = sub.add_parser("demo", help="distill the bundled digits teacher into a one-step student and evaluate it")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "

@@ -1,7 +1,8 @@
 """Deterministic multi-step samplers for teachers, written over (alpha, sigma) so they serve every process.
 
 The default is DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2) in data-prediction form: one network
-call per step, second order. Noise levels are spaced evenly in the process's unit time (the Karras ramp for EDM,
+call per step, second order; `solver="ddim"` is its first-order case (DDIM, which is Euler in the flow time of the
+same process). Noise levels are spaced evenly in the process's unit time (the Karras ramp for EDM,
 shifted time for flows, integer timesteps for VP).
 """
 
@@ -19,6 +20,9 @@ from distill.families import Condition
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
 
+#: solver name -> order of the multistep update.
+SOLVERS = {"dpm_solver_2m": 2, "ddim": 1}
+
 
 def unit_grid(num_steps: int, u_max: float = 1.0, u_min: float = 0.0) -> Tensor:
     """num_steps + 1 unit times from u_max (noisiest) to u_min (cleanest), evenly spaced."""
@@ -26,8 +30,8 @@ def unit_grid(num_steps: int, u_max: float = 1.0, u_min: float = 0.0) -> Tensor:
 
 
 @torch.no_grad()
-def dpm_solver_2m(x0_fn: X0Fn, noise: Tensor, alphas: Tensor, sigmas: Tensor, ts: Tensor) -> Tensor:
-    """Integrate the PF-ODE from ts[0] to ts[-1] with DPM-Solver++(2M).
+def dpm_solver_2m(x0_fn: X0Fn, noise: Tensor, alphas: Tensor, sigmas: Tensor, ts: Tensor, order: int = 2) -> Tensor:
+    """Integrate the PF-ODE from ts[0] to ts[-1] with DPM-Solver++(2M) (`order=1`: DDIM).
 
     Args:
         x0_fn: (x_t, t batch) -> x0 estimate.
@@ -47,7 +51,7 @@ def dpm_solver_2m(x0_fn: X0Fn, noise: Tensor, alphas: Tensor, sigmas: Tensor, ts
         if h <= 0:
             raise ValueError(f"noise levels must strictly decrease; step {i} repeats one (too many steps for a "
                              "discrete process?)")
-        if prev_x0 is None:
+        if prev_x0 is None or order == 1:
             d = x0
         else:
             r = prev_h / h
@@ -65,11 +69,15 @@ def sample(
     num_steps: int = 50,
     guidance_scale: float = 1.0,
     batch_size: int = 256,
+    solver: str = "dpm_solver_2m",
 ) -> Tensor:
-    """Sample a (teacher) denoiser with DPM-Solver++(2M) over `num_steps` steps; returns x0 in data space.
+    """Sample a (teacher) denoiser with DPM-Solver++(2M) (or `solver="ddim"`) over `num_steps` steps; returns x0
+    in data space.
 
     The last step lands on the cleanest level of the process (unit time 0) and returns its x0 estimate.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
     process = denoiser.process
     u = unit_grid(num_steps)
     ts = process.from_unit(u)
@@ -86,5 +94,5 @@ def sample(
         def x0_fn(x: Tensor, t: Tensor) -> Tensor:
             return denoiser(x, t, c, want="x0", guidance_scale=guidance_scale)
 
-        outs.append(dpm_solver_2m(x0_fn, noise[sl], alphas, sigmas, ts))
+        outs.append(dpm_solver_2m(x0_fn, noise[sl], alphas, sigmas, ts, order=SOLVERS[solver]))
     return torch.cat(outs)

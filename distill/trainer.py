@@ -39,13 +39,16 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class Batch:
-    """One micro-batch: real images (may be None for image-free recipes) and their conditioning."""
+    """One micro-batch: real images (may be None for image-free recipes) and their conditioning; from a pair
+    store (distill.pairs), `images` are teacher samples and `noise` the noise each was integrated from."""
 
     images: Tensor | None
     cond: dict[str, Tensor] = field(default_factory=dict)
+    noise: Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(None if self.images is None else self.images.to(device), {k: v.to(device) for k, v in self.cond.items()})
+        return Batch(None if self.images is None else self.images.to(device), {k: v.to(device) for k, v in self.cond.items()},
+                     None if self.noise is None else self.noise.to(device))
 
 
 class Recipe(Protocol):
@@ -65,6 +68,11 @@ class Recipe(Protocol):
     def generate(self, generator: nn.Module, cond: dict[str, Tensor], noise: Tensor) -> Tensor:
         """Student samples in data space for `noise` (standard normal) and conditioning."""
         ...
+
+    # Optional: `dataset` (an object with sample(batch_size, generator) -> Batch, image_shape, grid_condition) to
+    # train on instead of the data section's (see distill.recipes.build_recipe), and
+    # `export(generator, out_dir, num_steps, config) -> Path` for a generator whose export target is not
+    # distill.export.export_pipeline's (both looked up with getattr).
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,8 +411,9 @@ class Trainer:
                               "0 (no update ran; load a checkpoint or train first)")
         out_dir = Path(out_dir)
         if self.accelerator.is_main_process:
+            write = getattr(self.recipe, "export", None) or export_pipeline
             with self.ema_weights() as gen:
-                export_pipeline(gen, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
+                write(gen, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
         self.accelerator.wait_for_everyone()
         return out_dir
 

@@ -1,5 +1,8 @@
 """Recipes: one distillation method per file (`distill.recipes.<name>`), each with a `Config` (a `distill.config.Section`) and
-`build(cfg, teacher, dataset, device) -> recipe` (see `distill.trainer.Recipe`). YAML configs sit beside them."""
+`build(cfg, teacher, dataset, device) -> recipe` (see `distill.trainer.Recipe`). YAML configs sit beside them.
+
+A recipe that trains on something other than the `data:` section's dataset (a pair store) sets `recipe.dataset`;
+the trainer then draws its batches from that."""
 
 from __future__ import annotations
 
@@ -17,4 +20,4 @@ def build_recipe(cfg: Config, device: torch.device):
     teacher.to(device)
     dataset = make_dataset(cfg.data.name, cfg.data.resolution)
     recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
-    return recipe, dataset
+    return recipe, getattr(recipe, "dataset", None) or dataset
