@@ -12,6 +12,11 @@ ordinary denoising on detached samples. DMD2 drops DMD's regression loss and add
   real images (sec. 4.3);
 * multi-step students trained with backward simulation: the input of step i is made by the student's own
   i-step rollout without gradient, exactly as its exported pipeline samples (sec. 4.4).
+
+DMD (v1) is this recipe with `regression_weight > 0` (DMD, arXiv 2311.18828, eq. 9: loss = KL gradient term +
+lambda_reg L_reg, lambda_reg = 0.25 there): the student's step from sigma_max on stored noise z (for a one-step
+student, G(z)) is regressed on the teacher's ODE sample x from z (the pair store `pairs`, made with
+`distill pairs CONFIG`), with L2, pseudo-Huber, or a perceptual network (LPIPS in the paper) as `regression`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.denoiser import Denoiser
 from distill.export import rollout, student_from_teacher, student_schedule
-from distill.families import Condition
+from distill.families import Condition, concat_conditions
+from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_store_matches
 from distill.parametrization import add_noise
 from distill.trainer import Batch, frozen, unwrap
 
@@ -45,10 +51,17 @@ class Config(Section):
                                                                   "with recipe.gan only")
     gan_critic_weight: float = Field(1e-2, ge=0.0, description="weight of the critic's GAN loss (DMD2's SDXL runs: "
                                                                "1e-2); 0 = none; used with recipe.gan only")
+    regression_weight: float = Field(0.0, ge=0.0, description="DMD (v1)'s regression loss on stored teacher ODE "
+                                                              "pairs (DMD eq. 9, lambda_reg = 0.25 there); "
+                                                              "0 = none (DMD2)")
+    regression: RegressionConfig = Field(default_factory=RegressionConfig)
+    pairs: PairsConfig | None = Field(None, description="the pair store of the regression loss; null = none")
 
     @model_validator(mode="after")
     def _relations(self) -> "Config":
         require(self.min_t < self.max_t, "min_t", f"must be < recipe.max_t ({self.max_t}), got {self.min_t}")
+        require(self.regression_weight == 0 or self.pairs is not None, "pairs",
+                f"recipe.regression_weight={self.regression_weight} needs a pair store (recipe.pairs)")
         return self
 
 
@@ -69,6 +82,13 @@ def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
     """Per-sample 0.5 ||x - sg(x - grad)||^2 / D, whose gradient in x is grad / D."""
     dims = tuple(range(1, x.ndim))
     return 0.5 * (x - (x - grad).detach()).pow(2).mean(dim=dims)
+
+
+def regression_pairs(pairs: PairDataset, n: int, device: torch.device) -> Batch:
+    """A batch of stored (noise, teacher sample, condition) pairs, drawn with torch's global RNG (which the
+    trainer reseeds from (seed, step, rank) every iteration)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    return pairs.sample(n, g).to(device)
 
 
 def denoising_loss(native_pred: Tensor, native_target: Tensor) -> Tensor:
@@ -127,16 +147,20 @@ class DMD2:
         self.generator = student_from_teacher(teacher)  # student, initialised from the teacher
         self.critic = FakeScore(teacher.copy(trainable=True), gan=cfg.gan)  # fake score, also from the teacher
         self.schedule = student_schedule(self.generator, num_steps)
+        self.pairs: PairDataset | None = None  # set by build when cfg.regression_weight > 0
+        self.regression_distance = cfg.regression.distance() if cfg.regression_weight > 0 else None
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _sample_t(self, n: int, device: torch.device) -> Tensor:
         u = torch.rand(n, device=device) * (self.cfg.max_t - self.cfg.min_t) + self.cfg.min_t
         return self.teacher.process.from_unit(u)
 
-    def _student_output(self, cond: Condition, n: int, device: torch.device, grad: bool) -> Tensor:
+    def _student_output(self, cond: Condition, n: int, device: torch.device, grad: bool,
+                        regress: Batch | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """x0 from a uniformly chosen student step; earlier steps are the student's own rollout, without
         gradient (backward simulation, DMD2 sec. 4.4). With grad, the last call goes through the wrapped
-        (DDP) generator so its gradients are synchronised."""
+        (DDP) generator so its gradients are synchronised. With `regress` (stored pairs), the student's first
+        step on their noise joins the same call and (x0, regression output) is returned."""
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         i = int(torch.randint(0, sched.num_steps, ()).item())
@@ -146,6 +170,12 @@ class DMD2:
             else:
                 x0_prev = rollout(unwrap(self.generator), sched, cond, noise, steps=i)
                 x = sched.renoise(x0_prev, i, torch.randn_like(x0_prev))
+        if regress is not None:
+            m = regress.noise.shape[0]
+            out = self.generator(torch.cat([x, sched.start(regress.noise)]),
+                                 torch.cat([sched.t(i, n, device), sched.t(0, m, device)]),
+                                 concat_conditions(cond, regress.cond))
+            return out[:n], out[n:]
         if grad:
             return self.generator(x, sched.t(i, n, device), cond)
         with torch.no_grad():
@@ -156,7 +186,10 @@ class DMD2:
         cond = batch.cond
         n = next(iter(cond.values())).shape[0]
         device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=True)
+        regress = regression_pairs(self.pairs, n, device) if self.cfg.regression_weight > 0 else None
+        x = self._student_output(cond, n, device, grad=True, regress=regress)
+        if regress is not None:
+            x, x_regress = x
         t = self._sample_t(n, device)
         x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
         with torch.no_grad():
@@ -166,6 +199,10 @@ class DMD2:
         loss_dmd = dmd_loss(x, grad).mean()
         loss = self.cfg.dmd_weight * loss_dmd
         logs = {"dmd_loss": loss_dmd.item(), "dmd_grad_abs": grad.abs().mean().item()}
+        if regress is not None:
+            loss_reg = self.regression_distance(x_regress, regress.images).mean()  # DMD eq. 9's L_reg
+            loss = loss + self.cfg.regression_weight * loss_reg
+            logs["regression_loss"] = loss_reg.item()
         if self.cfg.gan:
             with frozen(self.critic) as critic:
                 _, logits = critic(x_t, t, cond)  # gradient reaches x through the frozen critic
@@ -210,6 +247,9 @@ class DMD2:
 
 def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DMD2:
     recipe = DMD2(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
+    if cfg.recipe.regression_weight > 0:
+        recipe.pairs = PairDataset(cfg.recipe.pairs.path, cfg.recipe.pairs.cache_shards)
+        check_store_matches(recipe.pairs, dataset.image_shape, "recipe.pairs.path")
     recipe.critic.to(device)
     recipe.generator.to(device)
     return recipe
