@@ -182,6 +182,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
