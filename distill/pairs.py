@@ -65,7 +65,7 @@ class PairsConfig(Section):
     seed: int = Field(0, ge=0, description="shard i is drawn from a generator seeded by (seed, i)")
     batch_size: int = Field(256, ge=1, description="teacher calls are batched this large")
     cache_shards: int = Field(2, ge=1, description="shards held in memory while reading (LRU)")
-    progress_bar: bool = True
+    progress_bar: bool = Field(True, description="a progress bar with pairs/s on the main process")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,8 +143,8 @@ class RegressionConfig(Section):
 
     @model_validator(mode="after")
     def _relations(self) -> "RegressionConfig":
-        require(self.loss != "perceptual" or self.perceptual_network is not None, "perceptual_network",
-                'must name a network when loss is "perceptual"')
+        require(self.loss != "perceptual" or self.perceptual_network is not None, "loss",
+                '"perceptual" needs perceptual_network (a "module:factory", e.g. "lpips:LPIPS"); it is null')
         return self
 
     def distance(self) -> Callable[[Tensor, Tensor], Tensor]:

@@ -54,7 +54,8 @@ class Config(Section):
     regression_weight: float = Field(0.0, ge=0.0, description="DMD (v1)'s regression loss on stored teacher ODE "
                                                               "pairs (DMD eq. 9, lambda_reg = 0.25 there); "
                                                               "0 = none (DMD2)")
-    regression: RegressionConfig = Field(default_factory=RegressionConfig)
+    regression: RegressionConfig = Field(default_factory=RegressionConfig, description="the regression's "
+                                         "distance on the stored pairs")
     pairs: PairsConfig | None = Field(None, description="the pair store of the regression loss; null = none")
 
     @model_validator(mode="after")

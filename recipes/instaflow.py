@@ -34,7 +34,8 @@ from distill.recipes.reflow import flow_range, flow_velocity, parameter_count
 class Config(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="the flow's ODE pairs (made with "
                                                                         "teacher.path = the flow)")
-    regression: RegressionConfig = Field(default_factory=RegressionConfig)
+    regression: RegressionConfig = Field(default_factory=RegressionConfig, description="the regression's "
+                                         "distance on the stored pairs")
     flow_guidance_weight: float = Field(0.0, ge=0.0, description="SlimFlow's flow-guided distillation: weight "
                                                                  "of the regression on the flow's online 2-step "
                                                                  "samples; 0 = plain InstaFlow")

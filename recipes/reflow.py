@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from pydantic import Field, model_validator
@@ -59,18 +59,16 @@ class Config(Section):
     sample_steps: int = Field(20, ge=1, le=1000, description="Euler steps of the flow ODE for sample grids")
     anneal_steps: int = Field(0, ge=0, description="SlimFlow's annealing reflow: steps over which the paired "
                                                    "noise goes from independent to the teacher's; 0 = plain reflow")
-    block_out_channels: tuple[int, ...] | None = Field(
-        None, description="null = the teacher's network, initialised from it; else a new network of the "
-                          "teacher's design with these widths, trained from scratch (SlimFlow)")
+    block_out_channels: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        None, min_length=1, max_length=8,
+        description="null = the teacher's network, initialised from it; else a new network of the teacher's "
+                    "design with these widths (one per block), trained from scratch (SlimFlow)")
     layers_per_block: int | None = Field(None, ge=1, description="with block_out_channels: layers per block; "
                                                                  "null = the teacher's")
 
     @model_validator(mode="after")
     def _relations(self) -> "Config":
         require(self.min_s < self.max_s, "min_s", f"must be < recipe.max_s ({self.max_s}), got {self.min_s}")
-        if self.block_out_channels is not None:
-            require(all(c >= 1 for c in self.block_out_channels), "block_out_channels",
-                    f"widths must be positive, got {list(self.block_out_channels)}")
         require(self.layers_per_block is None or self.block_out_channels is not None, "layers_per_block",
                 "only applies with recipe.block_out_channels (a new, smaller network)")
         return self

@@ -175,6 +175,17 @@ def bad_values(key: Key) -> list[tuple[str, Any]]:
                       ("a list for a choice", list(get_args(ann)[:1]))]
     if ann is bool:
         return out + [("an integer for a bool", 2), ("a string for a bool", "yes"), ("a number for a bool", 1.0)]
+    if get_origin(ann) is tuple and get_args(ann)[-1] is Ellipsis:  # variable length, items of one declared type
+        item, item_meta = _unwrap(get_args(ann)[0])
+        ib = _bounds(item_meta)
+        out += [("a string for a list", "abc"), ("a string item", ["abc"])]
+        if item in (int, float) and "ge" in ib:
+            out.append((f"an item just below ge={ib['ge']}", [_just_below(ib["ge"], item is int)]))
+        if b.get("min_length"):
+            out.append((f"fewer than min_length={b['min_length']} items", []))
+        if b.get("max_length") is not None:
+            out.append((f"more than max_length={b['max_length']} items", [ib.get("ge", 1)] * (b["max_length"] + 1)))
+        return out
     if get_origin(ann) is tuple:
         n = len(get_args(ann))
         return out + [("one item too few", list(key.default)[:-1]), ("one item too many", [*key.default, key.default[0]]),
@@ -284,7 +295,7 @@ def test_bad_value_is_refused_by_name(case):
     with pytest.raises(ConfigError) as e:
         build_config(_with_value(key, value))
     msg = str(e.value)
-    assert msg.startswith(f"{key.dotted}:"), f"{key.dotted}={value!r} ({what}): {msg}"
+    assert msg.startswith((f"{key.dotted}:", f"{key.dotted}[")), f"{key.dotted}={value!r} ({what}): {msg}"
     if not _is_section(_split_nullable(key.annotation)[0]) and not isinstance(value, (list, dict)):
         assert repr(value) in msg or str(value) in msg, f"the value given is not in the message: {msg}"
 
