@@ -106,12 +106,28 @@ class TeacherConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits"] = Field("digits", description="the data set (digits: the train half of scikit-learn's "
-                                                         "digits, distill.data.digits_split)")
+    name: Literal["digits", "prompts"] = Field(
+        "digits", description="the data set (digits: the train half of scikit-learn's digits, "
+                              "distill.data.digits_split; prompts: the lines of data.prompts, encoded once by the "
+                              "teacher pipeline's own text encoders and cached in data.cache_dir)")
+    prompts: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
+                                description="a text file, one prompt per line (DiT: one class index per line); "
+                                            "required with data.name: prompts, null otherwise")
+    cache_dir: str = Field("~/.cache/distill", min_length=1, pattern=PATH_PATTERN,
+                           description="where prompt embeddings are cached (keyed by the text encoders and prompts)")
+    num_frames: int = Field(1, ge=1, le=1025, description="frames per sample for video teachers (Wan: 4k + 1); "
+                                                            "1 for images")
     resolution: int = Field(16, ge=8, le=1024, multiple_of=4,
                             description="image side in pixels (digits: 8x8 upsampled); a multiple of 4 for the "
                                         "UNet's two downsamplings")
     batch_size: int = Field(64, ge=1, description="per process and micro-batch")
+
+    @model_validator(mode="after")
+    def _relations(self) -> "DataConfig":
+        require((self.prompts is not None) == (self.name == "prompts"), "prompts",
+                f"a prompts file goes with data.name: prompts (and only then), got name {self.name!r} and "
+                f"prompts {self.prompts!r}")
+        return self
 
 
 class StudentConfig(Section):
@@ -422,6 +438,11 @@ def build_config(data: dict) -> Config:
     from distill.files import check_checkpoint, check_teacher_folder
 
     check_teacher_folder(resolve_path(cfg.teacher.path), "teacher.path")
+    from distill.targets import check_exportable
+
+    check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction)  # before training, with the reason
+    if cfg.data.prompts is not None and not Path(cfg.data.prompts).expanduser().is_file():
+        raise ConfigError(f"data.prompts: {cfg.data.prompts!r} is not a file (one prompt per line)")
     if cfg.trainer.resume not in (None, "latest"):
         check_checkpoint(Path(cfg.trainer.resume).expanduser(), "trainer.resume")
     return cfg

@@ -88,7 +88,18 @@ class DigitsDataset:
         return {"class_labels": torch.arange(n) % self.num_classes}
 
 
-def make_dataset(name: str, resolution: int) -> DigitsDataset:
+def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
+    """The data set of `data.name`; "prompts" needs the data section and the loaded teacher (its pipeline folder)."""
     if name == "digits":
         return DigitsDataset(resolution)
-    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits']")
+    if name == "prompts":
+        from pathlib import Path
+
+        from distill.targets import PromptDataset
+
+        src = teacher.source
+        device = next(teacher.model.parameters()).device
+        return PromptDataset(Path(src["folder"]), Path(data_config.prompts).expanduser(), resolution,
+                             Path(data_config.cache_dir).expanduser(), data_config.num_frames, teacher.prediction,
+                             device)
+    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'prompts']")

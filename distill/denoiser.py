@@ -48,6 +48,9 @@ class Denoiser(nn.Module):
         self.process = process
         self.prediction = prediction
         self.family = family or family_for(model)
+        #: where a loaded teacher came from ({"folder", "network_config", "scheduler_config", "resolution"}): the
+        #: export writes the student into that pipeline (distill.targets)
+        self.source: dict | None = None
 
     # -- conversions ----------------------------------------------------------------------------------------
     def _consts(self) -> dict[str, float]:
@@ -102,6 +105,7 @@ class Denoiser(nn.Module):
         twin = Denoiser(copy.deepcopy(self.model), self.process, self.prediction, self.family)
         twin.model.requires_grad_(trainable)
         twin.model.train(trainable)
+        twin.source = self.source
         return twin
 
 
@@ -110,9 +114,12 @@ class Denoiser(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def process_from_scheduler_config(config: dict) -> tuple[Process, str]:
-    """(process, default prediction kind) described by a diffusers scheduler config."""
+def process_from_scheduler_config(config: dict, mu: float | None = None) -> tuple[Process, str]:
+    """(process, default prediction kind) described by a diffusers scheduler config; `mu` is the dynamic shift of a
+    `use_dynamic_shifting` flow scheduler at the run's resolution (distill.targets.dynamic_mu)."""
     name = config.get("_class_name", "")
+    if config.get("use_flow_sigmas"):  # Wan's UniPCMultistepScheduler: rectified flow with a static flow_shift
+        return FlowProcess(shift=float(config.get("flow_shift", 1.0))), "flow"
     if name == "CMStochasticIterativeScheduler":
         proc = EDMProcess(
             sigma_min=float(config.get("sigma_min", 0.002)),
@@ -123,11 +130,11 @@ def process_from_scheduler_config(config: dict) -> tuple[Process, str]:
         return proc, "cm"
     if name.startswith("FlowMatch"):
         if config.get("use_dynamic_shifting"):
-            # The shift depends on the image size (mu from the token count): the model family sets `mu`
-            # (see parametrization.flow_shift_mu) once it knows the resolution.
-            raise NotImplementedError(
-                f"{name} with use_dynamic_shifting=True needs a resolution-dependent mu; set it through the model "
-                "family (not supported for this family yet)")
+            # The shift depends on the image size (mu from the token count, parametrization.flow_shift_mu).
+            if mu is None:
+                raise ValueError(f"{name} with use_dynamic_shifting=True: the shift depends on the resolution; "
+                                 "load the teacher with its resolution (data.resolution)")
+            return FlowProcess(mu=float(mu)), "flow"
         return FlowProcess(shift=float(config.get("shift", 1.0))), "flow"
     if name == "SCMScheduler":
         return TrigFlowProcess(sigma_data=float(config.get("sigma_data", 0.5))), "trigflow"
@@ -145,11 +152,13 @@ def load_denoiser(
     subfolder: str | None = None,
     dtype: torch.dtype = torch.float32,
     trainable: bool = False,
+    resolution: int | None = None,
 ) -> Denoiser:
     """Load a denoiser from a diffusers pipeline-style folder (`<subfolder>/` network + `scheduler/` config).
 
     `prediction` overrides the kind inferred from the scheduler (e.g. "edm" for an EDM-preconditioned teacher
-    stored with a CMStochasticIterativeScheduler config, which carries the same c_in and c_noise).
+    stored with a CMStochasticIterativeScheduler config, which carries the same c_in and c_noise). `resolution`
+    (pixels) sets the shift of a dynamic-shift flow teacher (Flux), as its pipeline does at that size.
     """
     import diffusers
 
@@ -160,13 +169,18 @@ def load_denoiser(
     if not sched_file.is_file():
         raise FileNotFoundError(f"{str(sched_file)!r} is missing: a teacher folder needs a scheduler config")
     sched_config = json.loads(sched_file.read_text())
-    process, default_kind = process_from_scheduler_config(sched_config)
-
     if subfolder is None:
         subfolder = next((s for s in ("unet", "transformer") if (root / s / "config.json").is_file()), None)
         if subfolder is None:
             raise FileNotFoundError(f"no 'unet/config.json' or 'transformer/config.json' under {str(root)!r}")
     model_config = json.loads((root / subfolder / "config.json").read_text())
+    mu = None
+    if sched_config.get("use_dynamic_shifting"):
+        from distill.targets import dynamic_mu
+
+        mu = dynamic_mu(root, model_config, sched_config, resolution)
+    process, default_kind = process_from_scheduler_config(sched_config, mu)
+
     class_name = model_config.get("_class_name")
     model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
@@ -176,4 +190,7 @@ def load_denoiser(
     model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
     model.requires_grad_(trainable)
     model.train(trainable)
-    return Denoiser(model, process, prediction or default_kind, family_for(model))
+    denoiser = Denoiser(model, process, prediction or default_kind, family_for(model))
+    denoiser.source = {"folder": str(root), "network_config": model_config, "scheduler_config": sched_config,
+                       "resolution": resolution}
+    return denoiser

@@ -8,7 +8,9 @@ Targets so far:
 
 * class-conditional pixel-space UNet2DModel under EDM/consistency preconditioning ->
   `ConsistencyModelPipeline` + `CMStochasticIterativeScheduler` (one step by default; a k-step student is
-  called with `num_inference_steps=k`, which reproduces its trained sigmas exactly).
+  called with `num_inference_steps=k`, which reproduces its trained sigmas exactly);
+* latent families (SD1.5, SDXL, SD3, Flux, Wan, PixArt, DiT) -> their own stock pipelines, with the schedules
+  and writers of `distill.targets`.
 """
 
 from __future__ import annotations
@@ -61,8 +63,26 @@ def _cm_scheduler(process: EDMProcess):
     )
 
 
-def student_schedule(student: Denoiser, num_steps: int) -> StudentSchedule:
+def _latent_target(student: Denoiser):
+    """The distill.targets target of a student loaded from a pipeline folder, or None (the pixel UNet2DModel)."""
+    from distill.targets import target_for
+
+    src = student.source
+    if src is None or src["network_config"].get("_class_name") == "UNet2DModel":
+        return None
+    return target_for(src["network_config"], src["scheduler_config"], student.prediction)
+
+
+def student_schedule(student: Denoiser, num_steps: int):
     """The schedule of `student`'s export target for `num_steps` steps."""
+    target = _latent_target(student)
+    if target is not None:
+        from distill.targets import NoisingSchedule, student_times
+
+        src = student.source
+        seq = target.image_seq_len(Path(src["folder"]), src["network_config"], src["resolution"] or 0)
+        times = student_times(target, src["scheduler_config"], num_steps, seq)
+        return NoisingSchedule(times=times, process=student.process)
     if isinstance(student.process, EDMProcess) and student.prediction == "cm":
         sched = _cm_scheduler(student.process)
         sched.set_timesteps(num_inference_steps=num_steps)
@@ -132,6 +152,8 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     from diffusers import ConsistencyModelPipeline, UNet2DModel
 
     out_dir = Path(out_dir)
+    if _latent_target(student) is not None:
+        return _export_latent(student, out_dir, num_steps, config)
     if not (isinstance(student.process, EDMProcess) and student.prediction == "cm" and isinstance(student.model, UNet2DModel)):
         raise NotImplementedError(
             f"no stock pipeline target for a {type(student.model).__name__} student with "
@@ -163,6 +185,40 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
         "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n"
         f"- classes: 0..{unet.config.num_class_embeds - 1}" + (" (omit `class_labels` for random classes)\n" if unet.config.num_class_embeds else "\n")
     )
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any) -> Path:
+    """A latent family's student, written into its teacher's own pipeline (VAE, text encoders, tokenizers)."""
+    target = _latent_target(student)
+    src = student.source
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    target.write(student.model.to("cpu").eval(), Path(src["folder"]), tmp, num_steps, src["scheduler_config"])
+    times = student_schedule(student, num_steps).times.tolist()
+    resolution = src["resolution"] or 0
+    from distill.targets import FLUX_EMBEDDED_GUIDANCE
+
+    embedded = FLUX_EMBEDDED_GUIDANCE if src["network_config"].get("guidance_embeds") else None
+    call = target.call(num_steps, resolution, embedded)
+    meta = {"pipeline": target.pipeline, "num_inference_steps": num_steps, "trained_timesteps": times,
+            "resolution": resolution, "call": call, "guidance": "none (CFG was distilled in)",
+            "recipe": getattr(config, "recipe_name", None)}
+    (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "README.md").write_text(
+        "---\nlibrary_name: diffusers\ntags: [distill]\n---\n\n"
+        f"# {num_steps}-step distilled student\n\n"
+        f"Distilled with `distill` ({meta['recipe']}). A stock `{target.pipeline}` with `{type(target.scheduler(src['scheduler_config'], num_steps)).__name__}`; no custom code.\n\n"
+        "```python\nfrom diffusers import DiffusionPipeline\n\n"
+        f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+        f"images = {call}.images\n```\n\n"
+        f"- steps: {num_steps}; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
+        f"{['%.4g' % t for t in times]}\n"
+        "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n"
+        f"- trained at {resolution}x{resolution}\n")
     _replace_dir(tmp, out_dir)
     return out_dir
 

@@ -16,8 +16,12 @@ def build_recipe(cfg: Config, device: torch.device):
     from distill.data import make_dataset
     from distill.denoiser import load_denoiser
 
-    teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction)
+    teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction,
+                            resolution=cfg.data.resolution)
     teacher.to(device)
-    dataset = make_dataset(cfg.data.name, cfg.data.resolution)
+    dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
+    null = getattr(dataset, "null_condition", None)
+    if null:  # text families: guidance's unconditional half is the pipeline's empty prompt
+        teacher.family.set_null_embeddings(null)
     recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
     return recipe, getattr(recipe, "dataset", None) or dataset

@@ -44,6 +44,12 @@ class Family(Protocol):
 # diffusers model class name -> "module:Adapter". One line per family.
 _FAMILIES: dict[str, str] = {
     "UNet2DModel": "distill.families.unet2d:UNet2DFamily",
+    "UNet2DConditionModel": "distill.families.unet2d_condition:UNet2DConditionFamily",
+    "SD3Transformer2DModel": "distill.families.sd3:SD3Family",
+    "FluxTransformer2DModel": "distill.families.flux:FluxFamily",
+    "WanTransformer3DModel": "distill.families.wan:WanFamily",
+    "DiTTransformer2DModel": "distill.families.dit:DiTFamily",
+    "PixArtTransformer2DModel": "distill.families.dit:PixArtFamily",
 }
 
 

@@ -1,0 +1,57 @@
+"""diffusers `DiTTransformer2DModel` (class-conditional DiT) and `PixArtTransformer2DModel` (PixArt-alpha/sigma,
+T5 prompt tokens with their attention mask). Both may predict a learned variance in the second half of the
+channels (`out_channels = 2 * in_channels`); as DiTPipeline and PixArtSigmaPipeline do, only the first half (the
+noise prediction) is the output."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from distill.families import Condition
+from distill.families.text import TextConditioned, token_features
+
+
+def _drop_learned_variance(model: nn.Module, out: Tensor, channels: int) -> Tensor:
+    return out[:, :channels] if model.config.out_channels == 2 * channels else out
+
+
+class DiTFamily:
+    """Class labels 0..num_embeds_ada_norm - 1; the null class (for guidance) is index num_embeds_ada_norm, as
+    DiTPipeline's `class_null`."""
+
+    subfolder = "transformer"
+
+    def call(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> Tensor:
+        out = model(x, timestep=timestep, class_labels=cond["class_labels"], return_dict=False)[0]
+        return _drop_learned_variance(model, out, x.shape[1])
+
+    def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+        p = model.config.patch_size
+        return token_features(model, model.transformer_blocks, lambda: self.call(model, x, timestep, cond),
+                              (x.shape[-2] // p, x.shape[-1] // p))
+
+    def null_condition(self, model: nn.Module, cond: Condition) -> Condition:
+        labels = cond["class_labels"]
+        return {**cond, "class_labels": torch.full_like(labels, model.config.num_embeds_ada_norm)}
+
+    def feature_channels(self, model: nn.Module) -> int:
+        return model.inner_dim
+
+
+class PixArtFamily(TextConditioned):
+    text_keys = ("encoder_hidden_states",)
+
+    def call(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> Tensor:
+        out = model(x, encoder_hidden_states=cond["encoder_hidden_states"],
+                    encoder_attention_mask=cond.get("encoder_attention_mask"), timestep=timestep,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        return _drop_learned_variance(model, out, x.shape[1])
+
+    def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+        p = model.config.patch_size
+        return token_features(model, model.transformer_blocks, lambda: self.call(model, x, timestep, cond),
+                              (x.shape[-2] // p, x.shape[-1] // p))
+
+    def feature_channels(self, model: nn.Module) -> int:
+        return model.inner_dim

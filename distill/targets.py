@@ -1,0 +1,407 @@
+"""Export targets of latent (text- or class-conditioned) families: the stock pipeline each student leaves as, the
+schedule its k-step sampler visits, how the pipeline encodes prompts, and what cannot be exported (and why).
+
+The rule (docs/design.md): a student trains with exactly its pipeline's sampler. Every target here samples
+"predict x0, re-noise to the next trained time with fresh noise" (DMD2 sec. 4.4, backward simulation):
+
+* VP families (SD1.5, SDXL, PixArt, DiT) -> `LCMScheduler` with `original_inference_steps = k` (its timesteps
+  are then k trailing steps: 999, 749, 499, 249 for k = 4; 999 for k = 1) and `timestep_scaling = 1e10`, which
+  turns its consistency boundary off (c_skip -> 0, c_out -> 1 exactly in float32), so `step` is x0 from the
+  network's epsilon / v prediction, then alpha(t_next) x0 + sigma(t_next) noise.
+* Flow families (SD3, Flux, Wan) -> `FlowMatchEulerDiscreteScheduler` with the teacher's shift (static, or
+  dynamic with the pipeline's mu for the resolution) and `stochastic_sampling=True`, so `step` is
+  x0 = x - s v, then (1 - s_next) x0 + s_next noise; the trained times are `scheduler.sigmas[:k]` after the
+  pipeline's own `set_timesteps` call (SD3 and Wan: `set_timesteps(k)`; Flux: `sigmas=linspace(1, 1/k, k)`).
+
+Guidance is off in the exported call (`guidance_scale` at the pipeline's "no CFG" value); the model card states it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distill.families import Condition
+from distill.parametrization import flow_shift_mu
+
+#: the embedded guidance a guidance-distilled Flux (dev) is called with: FluxPipeline's default guidance_scale.
+FLUX_EMBEDDED_GUIDANCE = 3.5
+
+#: LCMScheduler's timestep_scaling that switches its consistency boundary condition off (see the module doc).
+NO_BOUNDARY_SCALING = 1e10
+
+
+class ExportRefused(ValueError):
+    """A teacher whose student no stock diffusers pipeline can sample; the message says why."""
+
+
+@dataclass(frozen=True)
+class NoisingSchedule:
+    """A k-step student sampler of the targets above: step 0 starts from pure noise (init_noise_sigma = 1),
+    step i >= 1 from alpha(t_i) x0 + sigma(t_i) noise, x0 the previous step's output (not clipped: latents)."""
+
+    times: Tensor  # (k,) native times, noisiest first
+    process: Any
+    clip_x0: bool = False
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.times.shape[0])
+
+    def t(self, i: int, n: int, device: torch.device) -> Tensor:
+        return self.times[i].to(device).expand(n)
+
+    def start(self, noise: Tensor) -> Tensor:
+        return noise
+
+    def renoise(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
+        alpha, sigma = self.process.alpha_sigma(self.times[i : i + 1].to(x0.device))
+        return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
+
+
+def _absent(folder: Path) -> dict[str, None]:
+    """Optional components the folder was saved without (model_index.json entry [null, null], e.g. SD3 without
+    T5): from_pretrained needs them passed as None."""
+    index = _json(folder / "model_index.json")
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One stock pipeline for one network class."""
+
+    network: str  # diffusers model class
+    pipeline: str  # diffusers pipeline class
+    subfolder: str  # "unet" or "transformer"
+    kind: str  # "vp" or "flow"
+    packed: bool = False  # Flux: 2x2 latent patches are one token
+    video: bool = False  # Wan: (C, F, H, W) latents
+    class_conditional: bool = False  # DiT: "prompts" are class indices
+
+    # -- latents ---------------------------------------------------------------------------------------------
+    def vae_factors(self, folder: Path) -> tuple[int, int]:
+        """(spatial, temporal) downsampling of the pipeline's VAE, as the pipeline computes them."""
+        vae = _json(folder / "vae" / "config.json")
+        if self.video:
+            down = vae.get("temperal_downsample", [False, True, True])
+            return 2 ** len(down), 2 ** sum(bool(d) for d in down)
+        return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1), 1
+
+    def latent_shape(self, folder: Path, network_config: dict, resolution: int, num_frames: int = 1) -> tuple[int, ...]:
+        spatial, temporal = self.vae_factors(folder)
+        multiple = spatial * self.patch(network_config)
+        if resolution % multiple:
+            raise ExportRefused(f"data.resolution: {self.pipeline} needs a multiple of {multiple} (VAE factor "
+                                f"{spatial} times the patch size {self.patch(network_config)}), got {resolution}")
+        side = resolution // spatial
+        channels = network_config.get("in_channels", 4) // (4 if self.packed else 1)
+        if not self.video:
+            return (channels, side, side)
+        if (num_frames - 1) % temporal:
+            raise ExportRefused(f"data.num_frames: {self.pipeline} needs 4k + 1 frames (temporal VAE factor "
+                                f"{temporal}), got {num_frames}")
+        return (channels, (num_frames - 1) // temporal + 1, side, side)
+
+    def image_seq_len(self, folder: Path, network_config: dict, resolution: int) -> int:
+        """The token count the pipeline feeds `calculate_shift` for the dynamic shift mu."""
+        spatial, _ = self.vae_factors(folder)
+        return (resolution // spatial // self.patch(network_config)) ** 2
+
+    def patch(self, network_config: dict) -> int:
+        """Latent pixels per token side (Flux: the 2x2 packing)."""
+        if self.packed:
+            return 2
+        p = network_config.get("patch_size") or 1
+        return int(p[-1] if isinstance(p, (list, tuple)) else p)
+
+    # -- the sampler -----------------------------------------------------------------------------------------
+    def scheduler(self, teacher_scheduler_config: dict, num_steps: int):
+        """The exported scheduler, from the teacher's scheduler config."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+        config = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+        if self.kind == "vp":
+            keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                    "prediction_type", "rescale_betas_zero_snr")
+            return LCMScheduler(**{k: config[k] for k in keep if k in config}, original_inference_steps=num_steps,
+                                timestep_scaling=NO_BOUNDARY_SCALING, clip_sample=False, set_alpha_to_one=True,
+                                steps_offset=1)
+        if config.get("use_flow_sigmas"):  # Wan's UniPC flow scheduler: its flow_shift is the static shift
+            config = {"shift": config.get("flow_shift", 1.0), "num_train_timesteps": config.get("num_train_timesteps", 1000)}
+        keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+        return FlowMatchEulerDiscreteScheduler(**{k: config[k] for k in keep if k in config},
+                                               stochastic_sampling=True)
+
+    def set_timesteps(self, scheduler, num_steps: int, image_seq_len: int) -> None:
+        """Exactly the pipeline's own `set_timesteps` call."""
+        if self.kind == "vp":
+            scheduler.set_timesteps(num_steps)
+            return
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting"):
+            c = scheduler.config
+            mu = flow_shift_mu(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        if self.packed:  # FluxPipeline: sigmas = linspace(1, 1/k, k)
+            import numpy as np
+
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        else:
+            scheduler.set_timesteps(num_steps, mu=mu)
+
+    def times(self, scheduler, num_steps: int) -> Tensor:
+        if self.kind == "vp":
+            return scheduler.timesteps[:num_steps].to(torch.int64)
+        return scheduler.sigmas[:num_steps].to(torch.float32)
+
+    def guidance_off(self) -> float:
+        """The pipeline's `guidance_scale` with classifier-free guidance off."""
+        return 1.0 if self.pipeline in ("DiTPipeline", "PixArtSigmaPipeline", "WanPipeline") else 0.0
+
+    def call(self, num_steps: int, resolution: int, guidance: float | None) -> str:
+        if self.class_conditional:
+            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale=1.0)"
+        size = f", height={resolution}, width={resolution}"
+        scale = guidance if guidance is not None else self.guidance_off()
+        return f'pipe("a photo of a cat", num_inference_steps={num_steps}, guidance_scale={scale}{size})'
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+    def load_text_pipeline(self, folder: Path):
+        """The teacher's pipeline without its network (text encoders, tokenizers, VAE)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline)
+        # SD3's encode_prompt reads the transformer's joint_attention_dim (the width of the T5 part); the others
+        # load without their network.
+        drop = {} if self.pipeline == "StableDiffusion3Pipeline" else {self.subfolder: None}
+        return cls.from_pretrained(folder, **_absent(folder), **drop, torch_dtype=torch.float32)
+
+    def encode(self, pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
+        """Prompt embeddings as the pipeline computes them (CFG off), in the network's condition keys."""
+        if self.class_conditional:
+            return {"class_labels": torch.tensor([int(p) for p in prompts], dtype=torch.int64)}
+        with torch.no_grad():
+            if self.pipeline == "StableDiffusionPipeline":
+                embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+                return {"encoder_hidden_states": embeds}
+            if self.pipeline == "StableDiffusionXLPipeline":
+                embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+                # StableDiffusionXLPipeline._get_add_time_ids: original size, crop top-left, target size
+                ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=embeds.dtype,
+                                   device=embeds.device)
+                return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": ids.expand(len(prompts), -1)}
+            if self.pipeline == "StableDiffusion3Pipeline":
+                embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
+                                                          do_classifier_free_guidance=False)
+                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+            if self.pipeline == "FluxPipeline":
+                embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device)
+                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+            if self.pipeline == "WanPipeline":
+                embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+                return {"encoder_hidden_states": embeds}
+            if self.pipeline == "PixArtSigmaPipeline":
+                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+                return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        raise ExportRefused(f"no prompt encoder for {self.pipeline}")
+
+    # -- writing -------------------------------------------------------------------------------------------------
+    def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict) -> None:
+        """Save the teacher's pipeline with the student's network and the target's scheduler into `tmp`."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline)
+        scheduler = self.scheduler(teacher_scheduler_config, num_steps)
+        pipe = cls.from_pretrained(teacher_folder, **_absent(teacher_folder), **{self.subfolder: model, "scheduler": scheduler},
+                                   torch_dtype=torch.float32)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+TARGETS: dict[str, Target] = {
+    "UNet2DConditionModel": Target("UNet2DConditionModel", "StableDiffusionPipeline", "unet", "vp"),
+    "UNet2DConditionModel+text_time": Target("UNet2DConditionModel", "StableDiffusionXLPipeline", "unet", "vp"),
+    "SD3Transformer2DModel": Target("SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer", "flow"),
+    "FluxTransformer2DModel": Target("FluxTransformer2DModel", "FluxPipeline", "transformer", "flow", packed=True),
+    "WanTransformer3DModel": Target("WanTransformer3DModel", "WanPipeline", "transformer", "flow", video=True),
+    "PixArtTransformer2DModel": Target("PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer", "vp"),
+    "DiTTransformer2DModel": Target("DiTTransformer2DModel", "DiTPipeline", "transformer", "vp",
+                                    class_conditional=True),
+}
+
+
+def _is_flow(scheduler_config: dict) -> bool:
+    return scheduler_config.get("_class_name", "").startswith("FlowMatch") or bool(scheduler_config.get("use_flow_sigmas"))
+
+
+def target_for(network_config: dict, scheduler_config: dict, prediction: str | None = None) -> Target | None:
+    """The latent-family target of a teacher (from its configs alone), None for the pixel UNet2DModel (its target is
+    in distill.export), or ExportRefused with the reason."""
+    name = network_config.get("_class_name")
+    sched = scheduler_config.get("_class_name", "")
+    if name == "UNet2DModel":
+        if sched == "CMStochasticIterativeScheduler" and prediction in (None, "edm", "cm"):
+            return None
+        conditional = network_config.get("num_class_embeds") is not None
+        process = "flow matching" if _is_flow(scheduler_config) else f"{sched} ({prediction or 'its'} prediction)"
+        raise ExportRefused(
+            f"a {'class-conditional ' if conditional else ''}UNet2DModel teacher with a {process} scheduler cannot be "
+            "exported to a stock diffusers pipeline: "
+            + ("the only stock pipeline that feeds class labels to a UNet2DModel is ConsistencyModelPipeline, which "
+               "needs an EDM-preconditioned network under CMStochasticIterativeScheduler (time input 250 log sigma, "
+               "input scaled by c_in); DiTPipeline takes a DiTTransformer2DModel. Distill an EDM teacher "
+               "(teacher.prediction: edm with a CMStochasticIterativeScheduler config, like builtin:digits_teacher), "
+               "or a DiT/PixArt/SD3/Flux teacher"
+               if conditional else
+               "no export target for unconditional UNet2DModel students is implemented yet"))
+    if name == "UNet2DConditionModel" and network_config.get("addition_embed_type") == "text_time":
+        target = TARGETS["UNet2DConditionModel+text_time"]
+    else:
+        target = TARGETS.get(name)
+    if target is None:
+        raise ExportRefused(f"no export target for a {name!r} teacher; supported networks: "
+                            f"{sorted({'UNet2DModel', *(t.network for t in TARGETS.values())})}")
+    flow = _is_flow(scheduler_config)
+    if (target.kind == "flow") != flow:
+        raise ExportRefused(f"a {name} teacher with a {sched} scheduler: {target.pipeline} is exported with a "
+                            f"{'flow-matching' if target.kind == 'flow' else 'VP (beta schedule)'} scheduler, and "
+                            "the student must train with the sampler it is exported with")
+    if target.kind == "vp" and prediction in ("flow", "trigflow", "edm", "cm"):
+        raise ExportRefused(f"teacher.prediction {prediction!r} does not fit {target.pipeline}'s LCMScheduler "
+                            "(epsilon, v or x0 predictions)")
+    return target
+
+
+def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.path") -> None:
+    """Refuse, before anything is loaded, a teacher whose student cannot leave as a stock pipeline."""
+    from distill.config import ConfigError
+
+    sub = next((s for s in ("unet", "transformer") if (folder / s / "config.json").is_file()), None)
+    if sub is None:
+        return  # distill.files names the missing network folder
+    try:
+        target = target_for(_json(folder / sub / "config.json"), _json(folder / "scheduler" / "scheduler_config.json"),
+                            prediction)
+    except ExportRefused as e:
+        raise ConfigError(f"{key}: {str(folder)!r}: {e}") from None
+    if target is not None and not (folder / "model_index.json").is_file():
+        raise ConfigError(f"{key}: {str(folder)!r} has no model_index.json: a {target.network} teacher is a whole "
+                          f"{target.pipeline} folder (its VAE, text encoders and tokenizers are exported with the "
+                          "student and encode the prompts)")
+
+
+def teacher_target(folder: Path, prediction: str | None = None) -> tuple[Target | None, dict, dict]:
+    """(target, network config, scheduler config) of a teacher folder."""
+    sub = next(s for s in ("unet", "transformer") if (folder / s / "config.json").is_file())
+    net, sched = _json(folder / sub / "config.json"), _json(folder / "scheduler" / "scheduler_config.json")
+    return target_for(net, sched, prediction), net, sched
+
+
+def student_times(target: Target, scheduler_config: dict, num_steps: int, image_seq_len: int) -> Tensor:
+    scheduler = target.scheduler(scheduler_config, num_steps)
+    target.set_timesteps(scheduler, num_steps, image_seq_len)
+    return target.times(scheduler, num_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt embeddings, computed once by the pipeline's own text encoders and cached on disk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list[str]:
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"data.prompts: {str(path)!r} holds no prompt (one per line)")
+    return prompts
+
+
+def cached_embeddings(folder: Path, target: Target, prompts: list[str], resolution: int, cache_dir: Path,
+                      device: torch.device) -> tuple[Condition, Condition]:
+    """(conditions of `prompts`, condition of the empty prompt), from `cache_dir` when computed before.
+
+    The cache key hashes the text components' configs and weights' sizes, the prompts and the resolution."""
+    from safetensors.torch import load_file, save_file
+
+    h = hashlib.sha256()
+    for part in ("model_index.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                 "text_encoder_3/config.json", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json"):
+        p = folder / part
+        h.update(part.encode() + (p.read_bytes() if p.is_file() else b"-"))
+    for weights in sorted(folder.glob("text_encoder*/*.safetensors")):
+        h.update(f"{weights.relative_to(folder)}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}".encode())
+    h.update(json.dumps([target.pipeline, resolution, prompts]).encode())
+    file = cache_dir / f"prompts-{h.hexdigest()[:20]}.safetensors"
+    if file.is_file():
+        flat = load_file(file)
+    else:
+        pipe = None if target.class_conditional else target.load_text_pipeline(folder).to(device)
+        cond = target.encode(pipe, prompts, resolution, device)
+        null = {} if target.class_conditional else target.encode(pipe, [""], resolution, device)
+        flat = {f"cond.{k}": v.detach().cpu().contiguous() for k, v in cond.items()}
+        flat.update({f"null.{k}": v.detach().cpu().contiguous() for k, v in null.items()})
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".tmp-{file.name}")
+        save_file(flat, tmp)
+        tmp.replace(file)
+    cond = {k[5:]: v for k, v in flat.items() if k.startswith("cond.")}
+    null = {k[5:]: v for k, v in flat.items() if k.startswith("null.")}
+    return cond, null
+
+
+class PromptDataset:
+    """Prompts (or DiT class indices) as cached conditions; image-free (DMD2 needs no real images without GAN).
+
+    `image_shape` is the latent shape the pipeline samples at `resolution`; `null_condition` the empty prompt."""
+
+    def __init__(self, folder: Path, prompts_file: Path, resolution: int, cache_dir: Path, num_frames: int = 1,
+                 prediction: str | None = None, device: torch.device | str = "cpu"):
+        target, net, _ = teacher_target(folder, prediction)
+        if target is None:
+            raise ValueError("data.name: prompts needs a latent text- or class-conditioned teacher, not a pixel "
+                             "UNet2DModel")
+        self.target = target
+        self.prompts = read_prompts(prompts_file)
+        self.image_shape = target.latent_shape(folder, net, resolution, num_frames)
+        self.cond, self.null_condition = cached_embeddings(folder, target, self.prompts, resolution, cache_dir,
+                                                           torch.device(device))
+        if net.get("guidance_embeds"):  # Flux dev: the pipeline passes guidance_scale to the guidance embedding
+            self.cond["guidance"] = torch.full((len(self.prompts),), FLUX_EMBEDDED_GUIDANCE)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        from distill.trainer import Batch
+
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        return Batch(None, {k: v[idx] for k, v in self.cond.items()})
+
+    def grid_condition(self, n: int) -> Condition:
+        idx = torch.arange(n) % len(self)
+        return {k: v[idx] for k, v in self.cond.items()}
+
+
+def dynamic_mu(folder: Path, network_config: dict, scheduler_config: dict, resolution: int | None) -> float:
+    """mu of a dynamic-shift flow teacher at `resolution` (what its pipeline passes to set_timesteps)."""
+    target = target_for(network_config, scheduler_config)
+    if resolution is None:
+        raise ValueError(f"{scheduler_config.get('_class_name')} with use_dynamic_shifting=True: the shift depends on "
+                         "the resolution; load the teacher with data.resolution")
+    c = scheduler_config
+    return flow_shift_mu(target.image_seq_len(folder, network_config, resolution), c.get("base_image_seq_len", 256),
+                         c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+
+__all__ = ["ExportRefused", "NoisingSchedule", "PromptDataset", "TARGETS", "Target", "check_exportable",
+           "dynamic_mu", "student_times", "target_for", "teacher_target"]
