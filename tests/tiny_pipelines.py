@@ -35,6 +35,22 @@ def clip_text(projection: bool, hidden: int = 16, projection_dim: int = 16, seed
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
+def t5_tokenizer():
+    """A T5 unigram tokenizer over the letters (transformers builds it from a vocabulary list, no file)."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in string.ascii_lowercase + "▁"]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def t5_text(d_model: int = 32, seed: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=32, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+
+
 def tiny_vae(latent_channels: int = 4, **extra):
     from diffusers import AutoencoderKL
 
@@ -83,7 +99,7 @@ def build_sdxl(root: Path) -> Path:
 
 
 def build_sd3(root: Path, shift: float = 3.0) -> Path:
-    """StableDiffusion3Pipeline without T5 (text_encoder_3 is optional): SD3Transformer2DModel, two CLIPs."""
+    """StableDiffusion3Pipeline: SD3Transformer2DModel, two CLIP encoders and a T5 encoder."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
@@ -96,7 +112,7 @@ def build_sd3(root: Path, shift: float = 3.0) -> Path:
                                     vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
                                     text_encoder=clip_text(True), tokenizer=tok,
                                     text_encoder_2=clip_text(True, seed=1), tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=t5_text(), tokenizer_3=t5_tokenizer())
     pipe.save_pretrained(root, safe_serialization=True)
     return root
 
