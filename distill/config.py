@@ -411,10 +411,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def resolve_path(path: str) -> Path:
-    """`builtin:NAME` -> the shipped asset folder; anything else is a filesystem path."""
+    """`builtin:NAME` -> the shipped asset folder; a Hugging Face model id (`org/name`, not a folder here) -> its
+    snapshot in the local Hugging Face cache, if downloaded (never fetched); anything else is a filesystem path."""
     if path.startswith(BUILTIN_PREFIX):
         return ASSETS / path[len(BUILTIN_PREFIX):]
-    return Path(path).expanduser()
+    local = Path(path).expanduser()
+    if not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not in the cache (or no huggingface_hub): reported as a missing folder
+            return local
+    return local
 
 
 def build_config(data: dict) -> Config:

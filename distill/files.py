@@ -106,7 +106,10 @@ def _kind_hint(root: Path) -> str:
 def check_teacher_folder(root: Path, key: str | None = "teacher.path") -> None:
     """A diffusers folder a teacher can be loaded from, checked without loading it."""
     if not root.exists():
-        raise _named(key, f"folder {str(root)!r} does not exist")
+        hub = "" if "/" not in str(root) or str(root).startswith(("/", ".", "~")) else (
+            f"; a Hugging Face id is read from the local cache only: `huggingface-cli download {root}` first, or "
+            "give the downloaded folder")
+        raise _named(key, f"folder {str(root)!r} does not exist{hub}")
     if not root.is_dir():
         raise _named(key, f"{str(root)!r} is a file; a teacher is a diffusers folder (unet/ or transformer/, "
                           "scheduler/)")
@@ -118,7 +121,8 @@ def check_teacher_folder(root: Path, key: str | None = "teacher.path") -> None:
     from distill.denoiser import process_from_scheduler_config
 
     try:
-        process_from_scheduler_config(sched)
+        # a dynamic shift's mu comes with the resolution when the teacher is loaded; any mu checks the rest here
+        process_from_scheduler_config(sched, mu=0.0 if sched.get("use_dynamic_shifting") else None)
     except (ValueError, NotImplementedError, TypeError, KeyError) as e:
         raise _named(key, f"{str(sched_file)!r}: {e}") from None
     sub = next((root / s for s in NETWORK_FOLDERS if (root / s / "config.json").is_file()), None)
