@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from distill.families import Condition
 from distill.families.text import TextConditioned
+from distill.families.unet2d import UNet2DFamily
 
 ADDED_KEYS = ("text_embeds", "time_ids")
 
@@ -22,15 +23,6 @@ class UNet2DConditionFamily(TextConditioned):
         return model(x, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
                      added_cond_kwargs=added or None, return_dict=False)[0]
 
-    def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
-        captured: list[Tensor] = []
-        handle = model.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            out = self.call(model, x, timestep, cond)
-        finally:
-            handle.remove()
-        return out, captured[0]
-
-    def feature_channels(self, model: nn.Module) -> int:
-        return model.config.block_out_channels[-1]
-
+    # the bottleneck features and their width are UNet2DModel's: the mid block's output
+    call_with_features = UNet2DFamily.call_with_features
+    feature_channels = UNet2DFamily.feature_channels
