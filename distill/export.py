@@ -73,10 +73,18 @@ def _latent_target(student: Denoiser):
     return target_for(src["network_config"], src["scheduler_config"], student.prediction)
 
 
-def student_schedule(student: Denoiser, num_steps: int):
-    """The schedule of `student`'s export target for `num_steps` steps."""
+def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | None = None):
+    """The schedule of `student`'s export target for `num_steps` steps.
+
+    `timesteps` (optional) are the pipeline's own custom timesteps (`ConsistencyModelPipeline(timesteps=...)`:
+    descending indices into the scheduler's `num_train_timesteps`-point Karras grid, the last one 0 so that the
+    first step starts at sigma_max); they set the intermediate noise levels of a multi-step student, and the
+    exported pipeline reproduces them when called with the same `timesteps=`.
+    """
     target = _latent_target(student)
     if target is not None:
+        if timesteps is not None:
+            raise NotImplementedError("custom timesteps are supported for the ConsistencyModelPipeline target only")
         from distill.targets import NoisingSchedule, student_times
 
         src = student.source
@@ -85,7 +93,12 @@ def student_schedule(student: Denoiser, num_steps: int):
         return NoisingSchedule(times=times, process=student.process)
     if isinstance(student.process, EDMProcess) and student.prediction == "cm":
         sched = _cm_scheduler(student.process)
-        sched.set_timesteps(num_inference_steps=num_steps)
+        if timesteps is None:
+            sched.set_timesteps(num_inference_steps=num_steps)
+        else:
+            if len(timesteps) != num_steps:
+                raise ValueError(f"{len(timesteps)} custom timesteps {timesteps} for a {num_steps}-step student")
+            sched.set_timesteps(timesteps=list(timesteps))
         return StudentSchedule(times=torch.as_tensor(sched.sigmas[:num_steps], dtype=torch.float32),
                                sigma_min=student.process.sigma_min)
     raise NotImplementedError(
@@ -147,8 +160,11 @@ def _unet_without_null_class(unet):
 
 
 def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, config: Any = None,
-                    drop_null_class: bool = True) -> Path:
-    """Write `student` as a stock diffusers pipeline folder into `out_dir` (atomically) with a model card."""
+                    drop_null_class: bool = True, timesteps: list[int] | None = None) -> Path:
+    """Write `student` as a stock diffusers pipeline folder into `out_dir` (atomically) with a model card.
+
+    A student trained on custom intermediate `timesteps` (see :func:`student_schedule`) is called with
+    `timesteps=` (stated in the model card and `distill.json`) instead of `num_inference_steps=`."""
     from diffusers import ConsistencyModelPipeline, UNet2DModel
 
     out_dir = Path(out_dir)
@@ -168,10 +184,17 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    sigmas = student_schedule(student, num_steps).times.tolist()
-    call = "pipe(batch_size=4, class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_inference_steps={num_steps})"
+    sigmas = student_schedule(student, num_steps, timesteps).times.tolist()
+    if timesteps is not None:
+        steps_arg = f"timesteps={list(timesteps)}"
+        call = f"pipe(batch_size=4, class_labels=[0, 1, 2, 3], num_inference_steps=None, {steps_arg})"
+    else:
+        steps_arg = f"num_inference_steps={num_steps}"
+        call = "pipe(batch_size=4, class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(batch_size=4, class_labels=[0, 1, 2, 3], {steps_arg})"
     meta = {"num_inference_steps": num_steps, "trained_sigmas": sigmas, "guidance": "none (CFG was distilled in)",
             "recipe": getattr(config, "recipe_name", None)}
+    if timesteps is not None:
+        meta["timesteps"] = list(timesteps)
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(
         "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags: [distill, consistency]\n---\n\n"
@@ -181,7 +204,7 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
         f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
         f"images = {call}.images\n```\n\n"
         f"- steps: {num_steps} (the trained sigmas {['%.4g' % s for s in sigmas]} are what "
-        f"`num_inference_steps={num_steps}` gives)\n"
+        f"`{steps_arg}` gives)\n"
         "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n"
         f"- classes: 0..{unet.config.num_class_embeds - 1}" + (" (omit `class_labels` for random classes)\n" if unet.config.num_class_embeds else "\n")
     )

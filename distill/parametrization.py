@@ -398,3 +398,52 @@ class EDMProcess:
 
     def from_unit(self, u: Tensor) -> Tensor:
         return karras_sigmas(u.float(), self.sigma_min, self.sigma_max, self.rho)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any process seen as TrigFlow (sCM, arXiv 2410.11081 sec. 2): one noise level, three names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def native_time_from_edm_sigma(process: Process, sigma: Tensor) -> Tensor:
+    """The native time of `process` whose EDM noise level sigma(t) / alpha(t) equals `sigma`.
+
+    Differentiable in `sigma` (forward AD included) for EDM, rectified flow and TrigFlow; for VP the fractional
+    timestep is found by a search over the log-SNR table and then interpolated linearly in log-SNR (as
+    `VPProcess.alpha_sigma` does), so it is differentiable within a table interval.
+    """
+    if isinstance(process, EDMProcess):
+        return sigma
+    if isinstance(process, FlowProcess):
+        return sigma / (1.0 + sigma)  # x_s / (1 - s) = x0 + s / (1 - s) eps
+    if isinstance(process, TrigFlowProcess):
+        return torch.atan(sigma / process.sigma_data)
+    if isinstance(process, VPProcess):
+        ac = torch.tensor(process.alphas_cumprod, dtype=torch.float64, device=sigma.device)
+        lam = (torch.log(ac) - torch.log1p(-ac)).flip(0)  # increasing in reversed time
+        target = -2.0 * torch.log(sigma.to(torch.float64))
+        hi_rev = torch.searchsorted(lam, target.detach()).clamp(1, len(ac) - 1)
+        lo_rev = hi_rev - 1
+        w = (target - lam[lo_rev]) / (lam[hi_rev] - lam[lo_rev])
+        t_rev = lo_rev.to(torch.float64) + w  # position in the reversed table
+        return (len(ac) - 1 - t_rev).clamp(0, len(ac) - 1).to(sigma.dtype)
+    raise NotImplementedError(f"no EDM-sigma -> native time map for {type(process).__name__}")
+
+
+def trigflow_to_native(process: Process, x_trig: Tensor, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(x_native, native time) of the TrigFlow state x_trig = cos t x0 + sin t z, z ~ N(0, sigma_data^2 I).
+
+    x_trig / cos t = x0 + sigma_data tan t eps is the EDM state at sigma = sigma_data tan t; the native state is
+    alpha(native t) times it.
+    """
+    cos_t = torch.cos(t)
+    native_t = native_time_from_edm_sigma(process, sigma_data * torch.tan(t))
+    alpha, _ = process.alpha_sigma(native_t)
+    scale = _bcast(alpha.to(x_trig.dtype) / cos_t.to(x_trig.dtype), x_trig)
+    return x_trig * scale, native_t
+
+
+def trigflow_from_x0(x0: Tensor, x_trig: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """TrigFlow network output F of an x0 estimate: sigma_d F = (cos t x_t - x0) / sin t (sCM eq. 6)."""
+    cos_t, sin_t = _bcast(torch.cos(t), x_trig), _bcast(torch.sin(t), x_trig)
+    return (cos_t * x_trig - x0) / (sigma_data * sin_t)

@@ -13,6 +13,7 @@ seeded the same way, so a run resumed from a checkpoint continues exactly as the
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -52,7 +53,21 @@ class Batch:
 
 
 class Recipe(Protocol):
-    """What the trainer needs from a recipe. `critic` may be None (single-network recipes)."""
+    """What the trainer needs from a recipe. `critic` may be None (single-network recipes).
+
+    Optional members (the trainer looks them up with `getattr`):
+
+    * `export_model(generator) -> Denoiser`: the part of the generator that is exported, when the generator
+      carries more than the student (e.g. sCM's learned log-variance head, trained and checkpointed with the
+      student and kept in its EMA, but not part of the pipeline). Default: the generator itself.
+    * `target_decay: float`: ask the trainer for an EMA *target network* (consistency distillation's
+      theta^-, LCM): a frozen copy of the generator, updated after every generator update as
+      target <- decay * target + (1 - decay) * generator, checkpointed with the run. The trainer hands it to the
+      recipe as `recipe.target_network` before the first step. Independent of the exported EMA
+      (`trainer.ema_decay`).
+    * `export_timesteps: list[int] | None`: custom pipeline timesteps the student was trained to be sampled
+      at (see `distill.export.student_schedule`); written into the export's model card and `distill.json`.
+    """
 
     generator: nn.Module
     critic: nn.Module | None
@@ -179,6 +194,15 @@ class Trainer:
         self.ema = EMAModel(unwrap(self.recipe.generator).parameters(), decay=cfg.trainer.ema_decay)
         self.ema.to(acc.device)
         acc.register_for_checkpointing(self.ema)
+
+        self.target_decay = getattr(self.recipe, "target_decay", None)
+        self.target_network = None
+        if self.target_decay is not None:
+            if not 0.0 <= float(self.target_decay) < 1.0:
+                raise ValueError(f"recipe target_decay must be in [0, 1), got {self.target_decay}")
+            self.target_network = copy.deepcopy(unwrap(self.recipe.generator)).requires_grad_(False)
+            acc.register_for_checkpointing(self.target_network)
+            self.recipe.target_network = self.target_network
 
         self.step = 0
         self.nonfinite_skipped = 0
@@ -341,6 +365,10 @@ class Trainer:
         logs.update(self._update("generator", r.generator, self.generator_opt, self.generator_sched, r.generator_loss,
                                  self._batches(self.step, 0)))
         self.ema.step(unwrap(r.generator).parameters())
+        if self.target_network is not None:
+            with torch.no_grad():
+                for t, p in zip(self.target_network.parameters(), unwrap(r.generator).parameters()):
+                    t.lerp_(p.detach(), 1.0 - float(self.target_decay))
         self.step += 1
         logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
         return logs
@@ -413,7 +441,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             write = getattr(self.recipe, "export", None) or export_pipeline
             with self.ema_weights() as gen:
-                write(gen, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
+                if write is not export_pipeline:
+                    write(gen, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
+                else:
+                    student = self.recipe.export_model(gen) if hasattr(self.recipe, "export_model") else gen
+                    export_pipeline(student, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg,
+                                    timesteps=getattr(self.recipe, "export_timesteps", None))
         self.accelerator.wait_for_everyone()
         return out_dir
 
