@@ -229,38 +229,35 @@ class SCM:
         """Tangent warmup r = min(1, step / H) (sCM sec. 4.3)."""
         return 1.0 if self.cfg.tangent_warmup_steps == 0 else min(1.0, step / self.cfg.tangent_warmup_steps)
 
-    def consistency_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """sCM per-sample loss on real data (or teacher trajectories through it) and its logs."""
+    def consistency_target(self, batch: Batch, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        """(x_t, t, F^-, g normalised, mean raw ||g||): everything of the sCM loss that carries no gradient."""
         cfg, sd = self.cfg, self.sigma_data
         if batch.images is None:
             raise ValueError("scm needs data images in the batch (x_t is built from data x0)")
         x0, cond = batch.images, batch.cond
-        n = x0.shape[0]
-        t = sample_trigflow_time(n, cfg, sd, x0.device)
+        t = sample_trigflow_time(x0.shape[0], cfg, sd, x0.device)
         z = sd * torch.randn_like(x0)
         x_t = _bcast(torch.cos(t), x0) * x0 + _bcast(torch.sin(t), x0) * z
         if cfg.mode == "distillation":
             dxt_dt = teacher_velocity(self.teacher, x_t, t, cond, sd, self.guidance_scale)
         else:
             dxt_dt = data_velocity(x0, z, t)
-        student = unwrap(self.generator).student
+        student = self.export_model(self.generator)
         F_student = trigflow_view(student, student.process, cond, sd)
         F_minus, g = scm_tangent(F_student, x_t, t, dxt_dt, sd, self.warmup(step), cfg.jvp, cfg.jvp_eps)
-        g_raw_norm = g.flatten(1).norm(dim=1).mean().item()
+        g_norm = g.flatten(1).norm(dim=1).mean().item()
         g = normalize_tangent(g, cfg.tangent_normalization, cfg.tangent_norm_c, cfg.tangent_clip)
-        # The student's own output, with gradient, from a separate forward through the wrapped generator.
-        x_native, t_native = trigflow_to_native(student.process, x_t, t, sd)
-        x0_theta, logvar = self.generator(x_native, t_native, cond, with_logvar=True)
-        F_theta = trigflow_from_x0(x0_theta, x_t, t, sd)
-        loss = scm_loss(F_theta, F_minus, g, logvar if cfg.adaptive_weighting else None)
-        logs = {"tangent_norm": g_raw_norm, "logvar": logvar.mean().item()}
-        return loss, logs
+        return x_t, t, F_minus, g, g_norm
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        loss, logs = self.consistency_loss(batch, step)
-        loss = loss.mean()
-        logs["loss"] = loss.item()
-        return loss, logs
+        sd = self.sigma_data
+        x_t, t, F_minus, g, g_norm = self.consistency_target(batch, step)
+        # The student's own output, with gradient, from a separate forward through the wrapped generator.
+        x_native, t_native = trigflow_to_native(self.export_model(self.generator).process, x_t, t, sd)
+        x0_theta, logvar = self.generator(x_native, t_native, batch.cond, with_logvar=True)
+        F_theta = trigflow_from_x0(x0_theta, x_t, t, sd)
+        loss = scm_loss(F_theta, F_minus, g, logvar if self.cfg.adaptive_weighting else None).mean()
+        return loss, {"loss": loss.item(), "tangent_norm": g_norm, "logvar": logvar.mean().item()}
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         raise RuntimeError("scm has no critic")

@@ -1,0 +1,135 @@
+"""LCM-style discrete consistency distillation (Song et al. 2023, arXiv 2303.01469 Alg. 2; Luo et al. 2023,
+arXiv 2310.04378 Alg. 1): the baseline users know from diffusers' examples.
+
+On a grid of `num_timesteps` noise levels (the Karras grid of the export target's scheduler), pick n and the
+skipped level n - k. Noise data to x_n; one *skipping-step* teacher solver step (DDIM, the first-order
+DPM-Solver++ step, with the teacher's classifier-free guidance) gives x_{n-k}; the student's x0 at (x_n, n) is
+pulled toward the EMA *target network*'s x0 at (x_{n-k}, n - k) with a pseudo-Huber loss
+sqrt(||a - b||^2 / D + c^2) - c (iCT, Song & Dhariwal 2023; LCM's diffusers example uses c = 0.001).
+
+Boundary scalings: the student is the export target's consistency-model network, x0 = c_skip x + c_out F with
+CMStochasticIterativeScheduler's scalings (c_skip = 1, c_out = 0 at sigma_min), so f(x, sigma_min) = x holds
+by construction, and the target at the last grid level is x_{n-k} itself. (LCM's `timestep_scaling` = 10 is the
+same idea for SD's VP timesteps; here the export's own scalings are the ones that must hold.)
+
+Guidance: the teacher's guidance w is fixed (`teacher.guidance_scale`) and distilled in. LCM feeds w as an input
+embedding so one student serves a range of w; a stock `ConsistencyModelPipeline` has no input through which a
+user could pass w, so such a student could only be exported at one baked w anyway. We keep one w per student.
+
+The EMA target network is the trainer's (`target_decay`, checkpointed with the run), separate from the exported
+EMA. Sampling is the export target's k-step schedule, exactly as the pipeline samples.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from distill.config import Config as RunConfig
+from distill.config import Section, require
+from distill.denoiser import Denoiser
+from distill.export import rollout, student_from_teacher, student_schedule
+from distill.families import Condition
+from distill.parametrization import _bcast, add_noise, karras_sigmas
+from distill.trainer import Batch, unwrap
+
+
+class Config(Section):
+    num_timesteps: int = Field(40, ge=2, le=1000, description="levels of the discretisation grid (the export "
+                                                              "scheduler's num_train_timesteps is 40)")
+    skip_steps: int = Field(1, ge=1, description="k: the teacher solver jumps k grid levels (LCM: 20 of 1000)")
+    target_decay: float = Field(0.95, ge=0.0, lt=1.0, description="EMA target network decay (LCM: 0.95); 0 = the "
+                                                                  "student itself (stop-gradient)")
+    huber_c: float = Field(0.001, gt=0.0, description="pseudo-Huber c (LCM: 0.001)")
+    timesteps: list[int] | None = Field(None, description="custom pipeline timesteps of a multi-step student "
+                                                          "(see recipe scm); null = `num_inference_steps` spacing")
+
+    @model_validator(mode="after")
+    def _relations(self) -> "Config":
+        require(self.skip_steps < self.num_timesteps, "skip_steps",
+                f"must be < recipe.num_timesteps ({self.num_timesteps}), got {self.skip_steps}")
+        if self.timesteps is not None:
+            ts = self.timesteps
+            require(all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0, "timesteps",
+                    f"must be strictly descending and end with 0, got {ts}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ddim_step(x_s: Tensor, x0_hat: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """One deterministic DDIM step s -> t (Song et al. 2021 eq. 12): x_t = alpha_t x0_hat + sigma_t eps_hat, with
+    eps_hat = (x_s - alpha_s x0_hat) / sigma_s. Per-sample (N,) alpha/sigma broadcast against x."""
+    a_s, s_s, a_t, s_t = (_bcast(v, x_s).to(x_s.dtype) for v in (alpha_s, sigma_s, alpha_t, sigma_t))
+    return a_t * x0_hat + s_t * (x_s - a_s * x0_hat) / s_s
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """Per-sample sqrt(||a - b||^2 / D + c^2) - c: quadratic near 0, linear far away."""
+    return torch.sqrt((a - b).pow(2).flatten(1).mean(1) + c * c) - c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LCM:
+    def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int):
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.guidance_scale = guidance_scale
+        self.generator = student_from_teacher(teacher)
+        self.critic = None
+        self.target_decay = cfg.target_decay  # the trainer keeps the EMA target and sets self.target_network
+        self.target_network: nn.Module | None = None
+        self.export_timesteps = cfg.timesteps
+        self.schedule = student_schedule(self.generator, num_steps, cfg.timesteps)
+        process = teacher.process
+        if not hasattr(process, "sigma_min"):
+            raise NotImplementedError("lcm's grid is the consistency scheduler's Karras grid: an EDM teacher")
+        u = torch.linspace(0, 1, cfg.num_timesteps, dtype=torch.float64)  # index 0 = sigma_min (clean end)
+        self.grid = karras_sigmas(u, process.sigma_min, process.sigma_max, process.rho).float()
+
+    def teacher_solver(self, x_n: Tensor, t_n: Tensor, t_m: Tensor, cond: Condition) -> Tensor:
+        """The skipping-step teacher solver: one guided DDIM step from t_n to t_m (native times)."""
+        with torch.no_grad():
+            x0 = self.teacher(x_n, t_n, cond, guidance_scale=self.guidance_scale)
+            a_n, s_n = self.teacher.process.alpha_sigma(t_n)
+            a_m, s_m = self.teacher.process.alpha_sigma(t_m)
+            return ddim_step(x_n, x0, a_n, s_n, a_m, s_m)
+
+    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if batch.images is None:
+            raise ValueError("lcm needs data images in the batch")
+        if self.target_network is None:
+            raise RuntimeError("lcm needs the trainer's EMA target network (recipe.target_network is unset)")
+        x0, cond = batch.images, batch.cond
+        n, k = x0.shape[0], self.cfg.skip_steps
+        idx = torch.randint(k, self.cfg.num_timesteps, (n,), device=x0.device)
+        grid = self.grid.to(x0.device)
+        t_n, t_m = grid[idx], grid[idx - k]
+        x_n = add_noise(self.teacher.process, x0, torch.randn_like(x0), t_n)
+        x_m = self.teacher_solver(x_n, t_n, t_m, cond)
+        with torch.no_grad():
+            target = self.target_network(x_m, t_m, cond)  # boundary: f(x, sigma_min) = x by the CM scalings
+        pred = self.generator(x_n, t_n, cond)
+        loss = pseudo_huber(pred, target, self.cfg.huber_c).mean()
+        return loss, {"loss": loss.item()}
+
+    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        raise RuntimeError("lcm has no critic")
+
+    @torch.no_grad()
+    def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
+        return rollout(unwrap(generator), self.schedule, cond, noise)
+
+
+def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> LCM:
+    recipe = LCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps)
+    recipe.generator.to(device)
+    return recipe
