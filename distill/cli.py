@@ -4,7 +4,9 @@
     distill export RUN_DIR OUT_DIR           write the run's latest EMA student as a stock diffusers pipeline
     distill pairs CONFIG [key=value ...]     write the teacher ODE pair store of CONFIG's `recipe.pairs` (resumable;
                                              also under `accelerate launch -m distill.cli pairs ...`)
-    distill demo [--out DIR] [key=value ...] the main job: DMD2 on the bundled digits teacher, export, grid, FD-digits
+    distill demo [--recipe NAME] [--out DIR] [key=value ...]
+                                             the main job: a recipe (default DMD2) on the bundled digits teacher,
+                                             export, grid, FD-digits
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from distill.config import ConfigError, load_config
 
-DEMO_CONFIG = "dmd2_digits.yaml"
+DEMO_CONFIG = "{recipe}_digits.yaml"
 
 
 def _setup_logging() -> None:
@@ -97,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from distill.trainer import Trainer
 
     out = Path(args.out)
-    cfg = load_config(DEMO_CONFIG, [f"run.output_dir={out}", *args.overrides])
+    cfg = load_config(DEMO_CONFIG.format(recipe=args.recipe), [f"run.output_dir={out}", *args.overrides])
     preflight(cfg)
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "
                    "(default: the digits teacher's 20, docs/teacher.md)")
-    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/dmd2_digits.yaml")
+    d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/NAME_digits.yaml runs (dmd2, scm, rcm, lcm)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/NAME_digits.yaml")
     d.set_defaults(fn=cmd_demo)
     return p
 
