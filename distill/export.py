@@ -127,6 +127,16 @@ def rollout(
     return x0
 
 
+@torch.no_grad()
+def step_input(student: torch.nn.Module, schedule: StudentSchedule, cond: Condition, noise: Tensor, i: int) -> Tensor:
+    """The input of student step `i` as the pipeline makes it: the start for i = 0, else the student's own
+    i-step rollout re-noised to step i's level (backward simulation, DMD2 sec. 4.4); no gradient."""
+    if i == 0:
+        return schedule.start(noise)
+    x0_prev = rollout(student, schedule, cond, noise, steps=i)
+    return schedule.renoise(x0_prev, i, torch.randn_like(x0_prev))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writing the pipeline folder
 # ---------------------------------------------------------------------------------------------------------------

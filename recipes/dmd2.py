@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.denoiser import Denoiser
-from distill.export import rollout, student_from_teacher, student_schedule
+from distill.export import rollout, step_input, student_from_teacher, student_schedule
 from distill.families import Condition, concat_conditions
 from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_store_matches
 from distill.parametrization import add_noise
@@ -165,12 +165,7 @@ class DMD2:
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         i = int(torch.randint(0, sched.num_steps, ()).item())
-        with torch.no_grad():
-            if i == 0:
-                x = sched.start(noise)
-            else:
-                x0_prev = rollout(unwrap(self.generator), sched, cond, noise, steps=i)
-                x = sched.renoise(x0_prev, i, torch.randn_like(x0_prev))
+        x = step_input(unwrap(self.generator), sched, cond, noise, i)
         if regress is not None:
             m = regress.noise.shape[0]
             out = self.generator(torch.cat([x, sched.start(regress.noise)]),

@@ -26,7 +26,7 @@ from distill.recipes.dmd2 import FakeScore, denoising_loss, dmd_gradient, dmd_lo
 from distill.recipes.scm import SCM
 from distill.recipes.scm import Config as SCMConfig
 from distill.recipes.scm import scm_loss
-from distill.export import rollout
+from distill.export import rollout, step_input
 from distill.trainer import Batch, unwrap
 
 
@@ -69,12 +69,7 @@ class RCM:
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         i = int(torch.randint(0, sched.num_steps, ()).item())
-        with torch.no_grad():
-            if i == 0:
-                x = sched.start(noise)
-            else:
-                x0_prev = rollout(self.export_model(self.generator), sched, cond, noise, steps=i)
-                x = sched.renoise(x0_prev, i, torch.randn_like(x0_prev))
+        x = step_input(self.export_model(self.generator), sched, cond, noise, i)
         return x, sched.t(i, n, device)
 
     def dmd_term(self, x: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:

@@ -36,14 +36,6 @@ MU = torch.tensor([0.3, -0.6, 0.1], dtype=torch.float64)
 C = torch.tensor([0.4, 0.25, 0.6], dtype=torch.float64)
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # TrigFlow conversions
 # ---------------------------------------------------------------------------------------------------------------
