@@ -70,7 +70,7 @@ class Config(Section):
     tangent_normalization: Literal["normalize", "clip", "none"] = Field(
         "normalize", description="g / (||g|| + c) per sample (sCM sec. 4.3), clip to [-clip, clip], or none")
     tangent_norm_c: float = Field(0.1, gt=0.0, description="c in g / (||g|| + c); sCM: 0.1")
-    tangent_clip: float = Field(1.0, gt=0.0)
+    tangent_clip: float = Field(1.0, gt=0.0, description="bound of tangent_normalization: clip, g in [-clip, clip]")
     tangent_warmup_steps: int = Field(100, ge=0, description="H in r = min(1, step / H); 0 = no warmup (sCM: 10k)")
     adaptive_weighting: bool = Field(True, description="learned log-variance u(t): exp(-u) mse + u (sCM sec. 4.3)")
     time_sampler: Literal["lognormal", "uniform"] = Field(

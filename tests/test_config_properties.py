@@ -190,6 +190,8 @@ def bad_values(key: Key) -> list[tuple[str, Any]]:
         n = len(get_args(ann))
         return out + [("one item too few", list(key.default)[:-1]), ("one item too many", [*key.default, key.default[0]]),
                       ("a string for a list", "abc")]
+    if get_origin(ann) is list:
+        return out + [("a string for a list", "abc"), ("a number for a list", 3)]
     if ann is str:
         out += [("a number for a string", 3), ("a list for a string", ["a"]), ("a bool for a string", True)]
         if b.get("min_length"):
