@@ -111,3 +111,23 @@ def test_metrics_refuse_bad_samples():
         toy_report(m, torch.zeros(10, 3))
     with pytest.raises(ValueError, match="non-finite"):
         toy_report(m, torch.full((10, 2), float("nan")))
+
+
+def test_toy_script_runs_every_toy_config(tmp_path):
+    """scripts/toy_recipes.py trains every recipes/*_toy.yaml (2 updates here) and writes a PNG and a table row each."""
+    import importlib.util
+    import json
+
+    from tiny import REPO
+
+    spec = importlib.util.spec_from_file_location("toy_recipes", REPO / "scripts" / "toy_recipes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = sorted(script.toy_configs())
+    assert {"dmd2", "phased_dmd"} <= set(names)
+    assert script.main(["--budget", "2", "--samples", "200", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "toy" / "results.json").read_text())
+    assert [r["recipe"] for r in rows] == ["true mixture", *names]
+    table = (tmp_path / "toy_recipes.md").read_text()
+    for name in names:
+        assert (tmp_path / "toy" / f"{name}.png").stat().st_size > 0 and f"| {name} |" in table
