@@ -48,14 +48,15 @@ def draw_samples(points: torch.Tensor, mixture, path: Path, title: str, size: in
     return path
 
 
-def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, workdir: Path) -> tuple[dict, torch.Tensor]:
+def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, workdir: Path,
+               extra: list[str] = ()) -> tuple[dict, torch.Tensor]:
     from distill.config import load_config
     from distill.toy import toy_mixture
     from distill.toy_metrics import toy_report
     from distill.trainer import Trainer
 
     overrides = [f"run.output_dir={workdir / name}", "trainer.progress_bar=false", "export.at_end=false",
-                 "trainer.checkpoint_every=0", "trainer.sample_every=0"]
+                 "trainer.checkpoint_every=0", "trainer.sample_every=0", *extra]
     if budget is not None:
         overrides.append(f"run.max_steps={budget}")
     cfg = load_config(config, overrides)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from distill.toy import toy_mixture
@@ -121,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     draw_samples(truth, mixture, args.out / "toy" / "true_mixture.png", "true mixture")
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
-            report, points = run_recipe(name, configs[name], args.budget, args.samples, args.seed, Path(tmp))
+            report, points = run_recipe(name, configs[name], args.budget, args.samples, args.seed, Path(tmp),
+                                        args.set)
             draw_samples(points, mixture, args.out / "toy" / f"{name}.png", f"{name} ({report['steps']} steps)")
             rows.append(report)
             print(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(f"{k}={report[k]:.3g}" for k, *_ in COLUMNS)
                   + f", {report['train_seconds']:.0f}s", flush=True)
-    command = "OMP_NUM_THREADS=1 python scripts/toy_recipes.py" + (f" --budget {args.budget}" if args.budget else "")
+    command = ("OMP_NUM_THREADS=1 python scripts/toy_recipes.py" + (f" --budget {args.budget}" if args.budget else "")
+               + (f" --recipes {' '.join(args.recipes)}" if args.recipes else "")
+               + (f" --set {' '.join(args.set)}" if args.set else ""))
     write_table(rows, args.out / "toy_recipes.md", command)
     (args.out / "toy" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {args.out / 'toy_recipes.md'}")
