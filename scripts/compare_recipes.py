@@ -31,9 +31,11 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def digits_configs(recipes_dir: Path = REPO / "recipes") -> dict[str, Path]:
+def digits_configs() -> dict[str, Path]:
     """name -> config for every recipes/<name>_digits.yaml."""
-    return {p.name[: -len("_digits.yaml")]: p for p in sorted(recipes_dir.glob("*_digits.yaml"))}
+    from distill.recipes import recipe_configs
+
+    return recipe_configs("digits")
 
 
 def class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -151,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from distill.metrics import FDDigits
 
-    configs = digits_configs()
-    names = args.recipes or list(configs)
-    unknown = [n for n in names if n not in configs]
-    if unknown:
-        raise SystemExit(f"--recipes: no recipes/<name>_digits.yaml for {unknown}; available: {sorted(configs)}")
+    from distill.recipes import recipe_configs
+
+    try:
+        configs = recipe_configs("digits", args.recipes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    names = list(configs)
     results_file = args.out / "compare" / "results.json"
     results: dict[str, dict] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     judge = FDDigits(resolution=16)

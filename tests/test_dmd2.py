@@ -9,14 +9,6 @@ from distill.parametrization import EDMProcess, add_noise
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def gaussian_x0(x_t: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """E[x0 | x_t] for x0 ~ N(mu, c^2 I) and x_t = x0 + sigma eps (EDM, alpha = 1)."""
     s2 = sigma.reshape(-1, 1) ** 2

@@ -34,14 +34,6 @@ def phased_config(teacher: Path, run_dir: Path, *extra: str):
     return load_config("phased_dmd_digits.yaml", tiny_overrides(teacher, run_dir, *extra))
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 # -- phases ---------------------------------------------------------------------------------------------------
 
 

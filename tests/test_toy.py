@@ -127,7 +127,8 @@ def test_toy_script_runs_every_toy_config(tmp_path):
     assert {"dmd2", "phased_dmd"} <= set(names)
     assert script.main(["--budget", "2", "--samples", "200", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "toy" / "results.json").read_text())
-    assert [r["recipe"] for r in rows] == ["true mixture", *names]
+    assert [r["recipe"] for r in rows] == ["true mixture", "teacher", *names]
+    assert rows[1]["modes_covered"] == 8 and rows[1]["on_mode"] > 0.9  # the teacher's own samples
     table = (tmp_path / "toy_recipes.md").read_text()
     for name in names:
         assert (tmp_path / "toy" / f"{name}.png").stat().st_size > 0 and f"| {name} |" in table
