@@ -201,6 +201,8 @@ class Config(Section):
             warm = getattr(self.trainer, net).warmup_steps
             require(warm <= self.run.max_steps, f"trainer.{net}.warmup_steps",
                     f"must be <= run.max_steps ({self.run.max_steps}), got {warm}")
+        require(not (self.data.name == "toy" and self.export.at_end), "export.at_end",
+                "must be false with data.name: toy (2-D points have no diffusers pipeline), got true")
         return self
 
 

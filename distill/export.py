@@ -68,7 +68,7 @@ def _latent_target(student: Denoiser):
     from distill.targets import target_for
 
     src = student.source
-    if src is None or src["network_config"].get("_class_name") == "UNet2DModel":
+    if src is None or src["network_config"].get("_class_name") in ("UNet2DModel", "ToyMLP"):
         return None
     return target_for(src["network_config"], src["scheduler_config"], student.prediction)
 

@@ -66,7 +66,8 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
     trainer.train()
     seconds = time.perf_counter() - start
     labels = torch.arange(judge.count) % 10
-    noise = torch.randn((judge.count, *trainer.dataset.image_shape), generator=torch.Generator().manual_seed(seed))
+    shape = (1, cfg.data.resolution, cfg.data.resolution)  # digits images (a pair store may be the dataset)
+    noise = torch.randn((judge.count, *shape), generator=torch.Generator().manual_seed(seed))
     images = []
     with torch.no_grad(), trainer.ema_weights() as gen:
         for chunk in range(0, judge.count, 256):
