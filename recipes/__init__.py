@@ -35,7 +35,7 @@ def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]
     error that lists what exists."""
     folder = Path(__file__).resolve().parent
     suffix = f"_{kind}.yaml"
-    found = {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
+    found = dict(sorted((p.name[: -len(suffix)], p) for p in folder.glob(f"*{suffix}")))
     if names is None:
         return found
     unknown = [n for n in names if n not in found]

@@ -31,6 +31,10 @@ Two ideas of the paper, as implemented here:
 The export writes one stock diffusers folder per expert and the loop that runs expert k at step k (export.py,
 `export_experts`): one stock pipeline (ConsistencyModelPipeline) holds one UNet, so no stock pipeline can switch
 experts between steps, and a custom pipeline class would need remote code.
+
+Limits: experts are full copies (no per-phase adapters yet); in a phase only its expert receives gradients, so a
+multi-process (DDP) run would need `find_unused_parameters` (untested here); the experts switch exactly at the
+trained sigmas, so the export is sampled at its trained step count only.
 """
 
 from __future__ import annotations

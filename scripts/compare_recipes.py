@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from distill.metrics import FDDigits
-
     from distill.recipes import recipe_configs
 
     try:

@@ -4,7 +4,8 @@ Each `recipes/<name>_toy.yaml` is one entry (a new recipe joins by adding its to
 trains for `--budget` generator updates (the config's run.max_steps when omitted), draws `--samples` points from
 the EMA student (`recipe.generate`, the student's own k-step rollout), scores them with
 `distill.toy_metrics.toy_report`, writes `docs/toy/<name>.png` (samples over the true density's contours) and
-the table `docs/toy_recipes.md` (with the teacher's and the true mixture's own rows).
+the table `docs/toy_recipes.md` (with the teacher's and the true mixture's own rows). Resumable: a recipe measured
+with the same flags (`docs/toy/measured.json`) is not retrained.
 
     OMP_NUM_THREADS=1 python scripts/toy_recipes.py [--budget 600] [--recipes dmd2 phased_dmd] [--out docs]
 """
@@ -131,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from distill.toy import toy_mixture
-
     from distill.recipes import recipe_configs
 
     try:
@@ -148,12 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     teacher = teacher_points(args.samples, args.teacher_steps, args.seed)
     rows.append({**toy_report(mixture, teacher, seed=args.seed), "recipe": "teacher", "steps": args.teacher_steps})
     draw_samples(teacher, mixture, args.out / "toy" / "teacher.png", f"teacher ({args.teacher_steps} steps)")
+    results_file = args.out / "toy" / "measured.json"  # per recipe, so a measured recipe is not rerun
+    measured: dict[str, dict] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
+            key = f"{name}|budget={args.budget}|samples={args.samples}|seed={args.seed}|set={' '.join(args.set)}"
+            if key in measured and (args.out / "toy" / f"{name}.png").is_file():
+                rows.append(measured[key])
+                print(f"[{i + 1}/{len(names)}] {name}: measured before, skipped", flush=True)
+                continue
             report, points = run_recipe(name, configs[name], args.budget, args.samples, args.seed, Path(tmp),
                                         args.set)
             draw_samples(points, mixture, args.out / "toy" / f"{name}.png", f"{name} ({report['steps']} steps)")
             rows.append(report)
+            measured[key] = report
+            results_file.write_text(json.dumps(measured, indent=2) + "\n")
             print(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(f"{k}={report[k]:.3g}" for k, *_ in COLUMNS)
                   + f", {report['train_seconds']:.0f}s", flush=True)
     command = ("OMP_NUM_THREADS=1 python scripts/toy_recipes.py" + (f" --budget {args.budget}" if args.budget else "")

@@ -113,7 +113,7 @@ def test_metrics_refuse_bad_samples():
         toy_report(m, torch.full((10, 2), float("nan")))
 
 
-def test_toy_script_runs_every_toy_config(tmp_path):
+def test_toy_script_runs_every_toy_config(tmp_path, capsys):
     """scripts/toy_recipes.py trains every recipes/*_toy.yaml (2 updates here) and writes a PNG and a table row each."""
     import importlib.util
     import json
@@ -130,5 +130,8 @@ def test_toy_script_runs_every_toy_config(tmp_path):
     assert [r["recipe"] for r in rows] == ["true mixture", "teacher", *names]
     assert rows[1]["modes_covered"] == 8 and rows[1]["on_mode"] > 0.9  # the teacher's own samples
     table = (tmp_path / "toy_recipes.md").read_text()
+    assert script.main(["--budget", "2", "--samples", "200", "--out", str(tmp_path)]) == 0  # resumed: no training
+    assert json.loads((tmp_path / "toy" / "results.json").read_text()) == rows
+    assert capsys.readouterr().out.count("measured before, skipped") == len(names)
     for name in names:
         assert (tmp_path / "toy" / f"{name}.png").stat().st_size > 0 and f"| {name} |" in table
