@@ -107,7 +107,8 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
         cells = [c[2].format(r[c[0]]) for c in COLUMNS]
         lines.append(f"| {r['recipe']} | {r.get('steps', '-')} | {r.get('budget', '-')} | "
                      f"{r.get('train_seconds', 0):.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Mode-weight KL: KL(true weights, student's mode shares); on-mode: share of samples within 3 std "
+    lines += ["", "One training seed per row; training seconds depend on the load of the (shared) CPU.",
+              "", "Mode-weight KL: KL(true weights, student's mode shares); on-mode: share of samples within 3 std "
               "of a mode. Samples: " + ", ".join(f"[{r['recipe']}](toy/{r['recipe'].replace(' ', '_')}.png)"
                                                 for r in rows), ""]
     registered = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.stem.startswith("_"))
