@@ -107,7 +107,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
         cells = [c[2].format(r[c[0]]) for c in COLUMNS]
         lines.append(f"| {r['recipe']} | {r.get('steps', '-')} | {r.get('budget', '-')} | "
                      f"{r.get('train_seconds', 0):.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "One training seed per row; training seconds depend on the load of the (shared) CPU.",
+    lines += ["", "![samples of every row](toy/all.png)", "", "One training seed per row; training seconds depend on the load of the (shared) CPU.",
               "", "Mode-weight KL: KL(true weights, student's mode shares); on-mode: share of samples within 3 std "
               "of a mode. Samples: " + ", ".join(f"[{r['recipe']}](toy/{r['recipe'].replace(' ', '_')}.png)"
                                                 for r in rows), ""]
@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
                + (f" --recipes {' '.join(args.recipes)}" if args.recipes else "")
                + (f" --set {' '.join(args.set)}" if args.set else ""))
     write_table(rows, args.out / "toy_recipes.md", command)
+    strip = [Image.open(args.out / "toy" / f"{r['recipe'].replace(' ', '_')}.png") for r in rows]
+    canvas = Image.new("RGB", (sum(im.width for im in strip), strip[0].height), "white")
+    for i, im in enumerate(strip):
+        canvas.paste(im, (sum(prev.width for prev in strip[:i]), 0))
+    canvas.save(args.out / "toy" / "all.png")  # every row's samples side by side
     (args.out / "toy" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {args.out / 'toy_recipes.md'}")
     return 0
