@@ -106,10 +106,11 @@ class TeacherConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "prompts"] = Field(
+    name: Literal["digits", "prompts", "toy"] = Field(
         "digits", description="the data set (digits: the train half of scikit-learn's digits, "
                               "distill.data.digits_split; prompts: the lines of data.prompts, encoded once by the "
-                              "teacher pipeline's own text encoders and cached in data.cache_dir)")
+                              "teacher pipeline's own text encoders and cached in data.cache_dir; toy: 2-D "
+                              "points of the Gaussian mixture of distill/toy.py, resolution unused)")
     prompts: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
                                 description="a text file, one prompt per line (DiT: one class index per line); "
                                             "required with data.name: prompts, null otherwise")
@@ -200,6 +201,8 @@ class Config(Section):
             warm = getattr(self.trainer, net).warmup_steps
             require(warm <= self.run.max_steps, f"trainer.{net}.warmup_steps",
                     f"must be <= run.max_steps ({self.run.max_steps}), got {warm}")
+        require(not (self.data.name == "toy" and self.export.at_end), "export.at_end",
+                "must be false with data.name: toy (2-D points have no diffusers pipeline), got true")
         return self
 
 

@@ -92,6 +92,10 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
     """The data set of `data.name`; "prompts" needs the data section and the loaded teacher (its pipeline folder)."""
     if name == "digits":
         return DigitsDataset(resolution)
+    if name == "toy":  # 2-D points of the Gaussian mixture in distill/toy.py; `resolution` does not apply
+        from distill.toy import ToyDataset
+
+        return ToyDataset()
     if name == "prompts":
         from pathlib import Path
 
@@ -102,4 +106,4 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
         return PromptDataset(Path(src["folder"]), Path(data_config.prompts).expanduser(), resolution,
                              Path(data_config.cache_dir).expanduser(), data_config.num_frames, teacher.prediction,
                              device)
-    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'prompts']")
+    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'prompts', 'toy']")

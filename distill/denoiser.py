@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from distill.families import Condition, Family, concat_conditions, family_for
+from distill.families import Condition, Family, concat_conditions, family_for, model_class
 from distill.parametrization import (
     DIFFUSERS_PREDICTION_TYPES,
     EDMProcess,
@@ -160,8 +160,6 @@ def load_denoiser(
     stored with a CMStochasticIterativeScheduler config, which carries the same c_in and c_noise). `resolution`
     (pixels) sets the shift of a dynamic-shift flow teacher (Flux), as its pipeline does at that size.
     """
-    import diffusers
-
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher folder {str(root)!r} does not exist")
@@ -182,7 +180,7 @@ def load_denoiser(
     process, default_kind = process_from_scheduler_config(sched_config, mu)
 
     class_name = model_config.get("_class_name")
-    model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    model_cls = model_class(class_name) if isinstance(class_name, str) else None
     if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
         from distill.config import ConfigError
 

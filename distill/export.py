@@ -68,7 +68,7 @@ def _latent_target(student: Denoiser):
     from distill.targets import target_for
 
     src = student.source
-    if src is None or src["network_config"].get("_class_name") == "UNet2DModel":
+    if src is None or src["network_config"].get("_class_name") in ("UNet2DModel", "ToyMLP"):
         return None
     return target_for(src["network_config"], src["scheduler_config"], student.prediction)
 
@@ -262,3 +262,76 @@ def student_from_teacher(teacher: Denoiser) -> Denoiser:
     if isinstance(teacher.process, EDMProcess):
         student.prediction = "cm"
     return student
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Students with one expert per step (Phased DMD): one stock folder per expert and a documented loop
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The sampling loop of an expert-per-step export, written into its model card and run by the tests in a process
+#: without `distill`. It is ConsistencyModelPipeline's own loop (same random draws: the initial noise, then one
+#: draw per scheduler step) with the UNet switched per step.
+EXPERT_LOOP = '''import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+
+@torch.no_grad()
+def sample_phased(folder, class_labels, generator=None):
+    """Images in [0, 1] of shape (N, C, H, W): expert i of `folder` runs step i of the stock scheduler."""
+    meta = __import__("json").load(open(f"{folder}/distill.json"))
+    experts = [DiffusionPipeline.from_pretrained(f"{folder}/{name}").unet for name in meta["experts"]]
+    scheduler = DiffusionPipeline.from_pretrained(f"{folder}/{meta['experts'][0]}").scheduler
+    scheduler.set_timesteps(len(experts))
+    labels = torch.as_tensor(class_labels)
+    config = experts[0].config
+    shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
+    x = randn_tensor(shape, generator=generator) * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        out = experts[i](scheduler.scale_model_input(x, t), t, class_labels=labels, return_dict=False)[0]
+        x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+    return (x / 2 + 0.5).clamp(0, 1)
+'''
+
+
+def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int, config: Any = None) -> Path:
+    """Write a student whose step i runs `experts[i]`: each expert as a stock pipeline folder `phase_<i>/`
+    (loads with `DiffusionPipeline.from_pretrained`, no custom code), `distill.json` and a model card with
+    :data:`EXPERT_LOOP`. No stock diffusers pipeline switches UNets between steps, and a custom pipeline class
+    would need remote code, so the loop is shipped as documentation instead."""
+    if len(experts) != num_steps:
+        raise ValueError(f"an expert-per-step student needs one expert per step: {len(experts)} experts, "
+                         f"{num_steps} steps")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    names = [f"phase_{i}" for i in range(num_steps)]
+    recipe = getattr(config, "recipe_name", None)
+    for i, (name, expert) in enumerate(zip(names, experts)):
+        export_pipeline(expert, tmp / name, num_steps=num_steps, config=config)
+        (tmp / name / "README.md").write_text(
+            f"# expert {i} of {num_steps} (phase {i}, step {i} of the sampler)\n\nA stock `ConsistencyModelPipeline` "
+            "folder holding one expert of a phased student; it is not a sampler on its own. See ../README.md.\n")
+    sigmas = student_schedule(experts[0], num_steps).times.tolist()
+    meta = {"experts": names, "num_inference_steps": num_steps, "trained_sigmas": sigmas, "recipe": recipe,
+            "guidance": "none (CFG was distilled in)"}
+    (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "README.md").write_text(
+        "---\nlibrary_name: diffusers\ntags: [distill, phased-dmd, mixture-of-experts]\n---\n\n"
+        f"# {num_steps}-step phased student ({num_steps} experts)\n\n"
+        f"Distilled with `distill` ({recipe}). Step i of the sampler runs expert i (`phase_<i>/`): each expert "
+        "is a complete stock `ConsistencyModelPipeline` folder (safetensors, stock "
+        "`CMStochasticIterativeScheduler`), loaded with `DiffusionPipeline.from_pretrained` and no custom code.\n\n"
+        "Why no single pipeline: a stock diffusers pipeline holds one UNet and cannot switch it between steps, "
+        "and a custom pipeline class would need `trust_remote_code`. The loop below is ConsistencyModelPipeline's "
+        "own loop with the UNet chosen per step; it uses diffusers only.\n\n"
+        f"```python\n{EXPERT_LOOP}\n"
+        f"images = sample_phased(\"{out_dir.name}\", class_labels=[0, 1, 2, 3], "
+        "generator=torch.Generator().manual_seed(0))\n```\n\n"
+        f"- steps: {num_steps}, one per expert (sigmas {['%.4g' % s for s in sigmas]}, what "
+        f"`set_timesteps({num_steps})` gives)\n"
+        "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n")
+    _replace_dir(tmp, out_dir)
+    return out_dir

@@ -265,6 +265,11 @@ def target_for(network_config: dict, scheduler_config: dict, prediction: str | N
                "or a DiT/PixArt/SD3/Flux teacher"
                if conditional else
                "no export target for unconditional UNet2DModel students is implemented yet"))
+    if name == "ToyMLP":  # the 2-D toy (distill/toy.py): trains with the CM sampler; points have no pipeline
+        if sched == "CMStochasticIterativeScheduler" and prediction in (None, "edm", "cm"):
+            return None
+        raise ExportRefused(f"a ToyMLP teacher samples with CMStochasticIterativeScheduler's rule (EDM prediction), "
+                            f"got a {sched} scheduler with prediction {prediction!r}")
     if name == "UNet2DConditionModel" and network_config.get("addition_embed_type") == "text_time":
         target = TARGETS["UNet2DConditionModel+text_time"]
     else:

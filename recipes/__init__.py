@@ -6,6 +6,8 @@ the trainer then draws its batches from that."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from distill.config import Config, recipe_module, resolve_path
@@ -25,3 +27,18 @@ def build_recipe(cfg: Config, device: torch.device):
         teacher.family.set_null_embeddings(null)
     recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
     return recipe, getattr(recipe, "dataset", None) or dataset
+
+
+def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]:
+    """name -> config of every shipped `recipes/<name>_<kind>.yaml` (kind "digits", "toy"): how the comparison
+    scripts find their participants, so a recipe joins by adding a config. `names` selects; an unknown one is an
+    error that lists what exists."""
+    folder = Path(__file__).resolve().parent
+    suffix = f"_{kind}.yaml"
+    found = dict(sorted((p.name[: -len(suffix)], p) for p in folder.glob(f"*{suffix}")))
+    if names is None:
+        return found
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ValueError(f"--recipes: no recipes/<name>{suffix} for {unknown}; available: {sorted(found)}")
+    return {n: found[n] for n in names}

@@ -23,7 +23,7 @@ def one_thread():
 
 @pytest.fixture
 def f64():
-    """float64 as the default dtype for one test (closed-form checks)."""
+    """float64 as torch's default dtype for one test (closed-form checks), restored afterwards."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield

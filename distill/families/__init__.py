@@ -50,7 +50,24 @@ _FAMILIES: dict[str, str] = {
     "WanTransformer3DModel": "distill.families.wan:WanFamily",
     "DiTTransformer2DModel": "distill.families.dit:DiTFamily",
     "PixArtTransformer2DModel": "distill.families.dit:PixArtFamily",
+    "ToyMLP": "distill.families.toy:ToyFamily",
 }
+
+# Network classes that are not part of diffusers (loaded by `distill.denoiser.load_denoiser` by class name).
+_MODEL_CLASSES: dict[str, str] = {
+    "ToyMLP": "distill.families.toy:ToyMLP",
+}
+
+
+def model_class(name: str) -> type | None:
+    """The network class a teacher folder's config names: a diffusers class, else one of `_MODEL_CLASSES`."""
+    import diffusers
+
+    found = getattr(diffusers, name, None)
+    if found is None and name in _MODEL_CLASSES:
+        module_name, attr = _MODEL_CLASSES[name].split(":")
+        found = getattr(importlib.import_module(module_name), attr)
+    return found
 
 
 def family_for(model: nn.Module | str) -> Family:

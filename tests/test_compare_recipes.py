@@ -1,0 +1,65 @@
+"""scripts/compare_recipes.py on two recipes with a tiny budget and the tiny teacher: table, plot, JSON, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tiny import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_digits_config_is_a_participant():
+    compare = _script("compare_recipes")
+    found = compare.digits_configs()
+    assert {"dmd2", "phased_dmd"} <= set(found)
+    assert set(found) == {p.name[: -len("_digits.yaml")] for p in (REPO / "recipes").glob("*_digits.yaml")}
+
+
+def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
+    compare = _script("compare_recipes")
+    args = ["--budget", "1", "--steps", "1", "2", "--recipes", "dmd2", "phased_dmd", "--out", str(tmp_path),
+            "--set", f"teacher.path={tiny_teacher}", "data.batch_size=4"]
+    assert compare.main(args) == 0
+    first = capsys.readouterr().out
+    assert first.count("FD-digits") == 4 and "[4/4] phased_dmd 2-step" in first
+    results = json.loads((tmp_path / "compare" / "results.json").read_text())
+    assert sorted((r["recipe"], r["steps"]) for r in results.values()) == [
+        ("dmd2", 1), ("dmd2", 2), ("phased_dmd", 1), ("phased_dmd", 2)]
+    for r in results.values():
+        assert r["budget"] == 1 and r["fd_digits"] > 0 and 0 <= r["accuracy"] <= 1 and r["diversity"] > 0
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["train_seconds"] > 0
+    table = (tmp_path / "compare_recipes.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| dmd2") or line.startswith("| phased_dmd")]
+    assert len(rows) == 4 and "real half B (floor)" in table
+    assert (tmp_path / "compare" / "fd_digits.png").stat().st_size > 0
+    # A second call measures nothing again (resumable) and writes the same table.
+    assert compare.main(args) == 0
+    second = capsys.readouterr().out
+    assert second.count("measured before") == 4 and "accuracy" not in second.split("wrote")[0]
+    assert (tmp_path / "compare_recipes.md").read_text() == table
+
+
+def test_unknown_recipe_is_named(tmp_path):
+    compare = _script("compare_recipes")
+    with pytest.raises(SystemExit, match="no recipes/<name>_digits.yaml for \\['nope'\\]"):
+        compare.main(["--recipes", "nope", "--out", str(tmp_path)])
+
+
+def test_class_diversity_closed_form():
+    import torch
+
+    compare = _script("compare_recipes")
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0], [10.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert compare.class_diversity(feats, labels) == pytest.approx((5.0 + 0.0) / 2)
