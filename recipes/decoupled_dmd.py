@@ -89,11 +89,8 @@ class DecoupledDMD(DMD2):
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg, w = self.cfg, self.guidance_scale
         cond = batch.cond
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=True)
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=True)
+        n, device = x.shape[0], x.device
         shared = (cfg.ca_min_t, cfg.ca_max_t) == (cfg.min_t, cfg.max_t)  # one draw: DMD2's gradient, split
         with torch.no_grad():
             x0_cond, x0_uncond = self._teacher_cond_uncond(x_t.detach(), t, cond)

@@ -192,6 +192,13 @@ class DMD2:
         with torch.no_grad():
             return unwrap(self.generator)(x, sched.t(i, n, device), cond)
 
+    def _noised_student_sample(self, cond: Condition, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, t, x_t): a student sample (`_student_output`), a noise level and x re-noised at it."""
+        first = next(iter(cond.values()))
+        x = self._student_output(cond, first.shape[0], first.device, grad=grad)
+        t = self._sample_t(first.shape[0], first.device)
+        return x, t, add_noise(self.teacher.process, x, torch.randn_like(x), t)
+
     # -- the two updates -------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
@@ -225,11 +232,8 @@ class DMD2:
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=False)  # detached generator samples
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=False)  # detached generator samples
+        n, device = x.shape[0], x.device
         if self.cfg.gan:
             if batch.images is None:
                 raise ValueError("dmd2 with gan: true needs real images in the data batch")

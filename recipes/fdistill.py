@@ -29,7 +29,6 @@ from torch import Tensor
 from distill.config import Config as RunConfig
 from distill.config import require
 from distill.denoiser import Denoiser
-from distill.parametrization import add_noise
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, dmd_gradient, dmd_loss
 from distill.trainer import Batch, frozen
@@ -95,11 +94,7 @@ def f_weights(logits: Tensor, divergence: str, max_abs_logit: float = 10.0) -> T
 class FDistill(DMD2):
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=True)
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=True)
         with torch.no_grad():
             x0_real = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
         # One pass of the frozen critic: the fake score's x0 and the discriminator's logit; the logit's graph

@@ -30,7 +30,6 @@ from distill.config import require
 from distill.denoiser import Denoiser
 from distill.export import student_from_teacher, student_prediction, student_schedule
 from distill.families import Condition
-from distill.parametrization import add_noise
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, FakeScore, denoising_loss, dmd_gradient, dmd_loss
 from distill.trainer import Batch, unwrap
@@ -67,11 +66,7 @@ class SwiftBrush(DMD2):
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond  # batch.images is never read: image-free
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=True)
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=True)
         with torch.no_grad():
             x0_teacher = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
             x0_lora = unwrap(self.critic).denoiser(x_t.detach(), t, cond, guidance_scale=self.fake_guidance_scale)
@@ -90,11 +85,7 @@ class SwiftBrush(DMD2):
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=False)  # detached student samples
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=False)  # detached student samples
         x0_hat, _ = self.critic(x_t, t, self._dropped_labels(cond))
         fake_score = unwrap(self.critic).denoiser
         loss = denoising_loss(fake_score.to_native(x0_hat, x_t, t), fake_score.to_native(x, x_t, t)).mean()
