@@ -98,9 +98,10 @@ class FDistill(DMD2):
         with torch.no_grad():
             x0_real = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
         # One pass of the frozen critic: the fake score's x0 and the discriminator's logit; the logit's graph
-        # carries the GAN generator loss to x, the detached outputs make the f-weighted gradient.
-        with frozen(self.critic) as critic:
-            x0_fake, logits = critic(x_t, t, cond)
+        # carries the GAN generator loss to x (when weighted), the detached outputs make the f-weighted gradient.
+        gan_to_x = self.cfg.gan_generator_weight > 0
+        with frozen(self.critic) as critic, torch.set_grad_enabled(gan_to_x):
+            x0_fake, logits = critic(x_t if gan_to_x else x_t.detach(), t, cond)
         grad = dmd_gradient(x.detach(), x0_real, x0_fake.detach())
         weights = f_weights(logits.detach(), self.cfg.divergence, self.cfg.max_abs_logit)
         loss_dmd = (weights * dmd_loss(x, grad)).mean()
