@@ -1,6 +1,6 @@
 """FD-digits of several finished digits runs in one pass, with each teacher guidance scale evaluated once.
 
-    python scripts/evaluate_runs.py RUN_DIR [RUN_DIR ...] [--teacher-steps 50] [--grids docs/images/score_distillation]
+    python scripts/evaluate_runs.py RUN_DIR [RUN_DIR ...] [--teacher-steps 50 (0: none)] [--grids DIR]
 
 For every run: its exported pipeline (loaded with plain diffusers, sampled at the run's own `student.num_steps`)
 against half A, with the same labels and seed as `scripts/evaluate_digits.py`; for every distinct
@@ -25,7 +25,7 @@ from distill.metrics import FDDigits
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--teacher-steps", type=int, default=50)
+    ap.add_argument("--teacher-steps", type=int, default=50, help="0: no teacher rows")
     ap.add_argument("--grids", default=None)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
     done: set[float] = set()
     for run, cfg in cfgs.items():
         w = cfg.teacher.guidance_scale
-        if w not in done:
+        if w not in done and args.teacher_steps > 0:
             done.add(w)
             images = teacher_images(cfg, labels, args.seed, args.teacher_steps)
             rows.append((f"teacher, w={w}", f"{args.teacher_steps} (NFE {args.teacher_steps * (1 if w == 1 else 2)})",
