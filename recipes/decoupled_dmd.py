@@ -23,6 +23,8 @@ The fake score, the GAN head and backward simulation are DMD2's (recipes/dmd2.py
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -117,8 +119,6 @@ class DecoupledDMD(DMD2):
 
 def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DecoupledDMD:
     if cfg.teacher.guidance_scale == 1.0:
-        import logging
-
         logging.getLogger("distill").warning("decoupled_dmd with teacher.guidance_scale=1.0: the CFG-augmentation "
                                              "term is zero and the recipe is DMD2 with the DM term alone")
     recipe = DecoupledDMD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
