@@ -91,6 +91,7 @@ class AdapterDenoiser(nn.Module):
     def __init__(self, base: Denoiser, adapter: str | None, prediction: str | None = None):
         super().__init__()
         inner = Denoiser(base.model, base.process, prediction or base.prediction, base.family)
+        inner.source = getattr(base, "source", None)  # where the base came from (latent families' export)
         self.__dict__["_inner"] = inner  # not registered: the base stays outside this module
         self.adapter = adapter
         self.lora = nn.ParameterDict()
@@ -119,6 +120,10 @@ class AdapterDenoiser(nn.Module):
     @property
     def family(self):
         return self._inner.family
+
+    @property
+    def source(self) -> dict | None:
+        return self._inner.source
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Condition, want: str = "x0", guidance_scale: float = 1.0) -> Tensor:
         activate_adapter(self.model, self.adapter)
@@ -158,4 +163,6 @@ class AdapterDenoiser(nn.Module):
         plain = type(model).from_config(model.config)
         plain.load_state_dict(state, strict=True)
         plain.to(next(model.parameters()).device).eval().requires_grad_(False)
-        return Denoiser(plain, self.process, self.prediction, self.family)
+        merged = Denoiser(plain, self.process, self.prediction, self.family)
+        merged.source = self.source
+        return merged

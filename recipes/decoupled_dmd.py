@@ -52,6 +52,7 @@ class Config(dmd2.Config):
         require(self.ca_min_t < self.ca_max_t, "ca_min_t", f"must be < recipe.ca_max_t ({self.ca_max_t}), "
                                                             f"got {self.ca_min_t}")
         require(self.dm_weight + self.ca_weight > 0, "dm_weight", "dm_weight and ca_weight cannot both be 0")
+        require(self.regression_weight == 0, "regression_weight", "DMD (v1)'s regression is a dmd2 option; must be 0 here")
         return self
 
 

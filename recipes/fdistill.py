@@ -46,6 +46,7 @@ class Config(dmd2.Config):
     @model_validator(mode="after")
     def _needs_discriminator(self) -> "Config":
         require(self.gan, "gan", "f-distill estimates the density ratio with the GAN head; must be true")
+        require(self.regression_weight == 0, "regression_weight", "DMD (v1)'s regression is a dmd2 option; must be 0 here")
         return self
 
 

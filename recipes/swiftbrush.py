@@ -45,6 +45,7 @@ class Config(dmd2.Config):
     @model_validator(mode="after")
     def _image_free(self) -> "Config":
         require(not self.gan, "gan", "SwiftBrush is image-free; the GAN head needs real images (must be false)")
+        require(self.regression_weight == 0, "regression_weight", "DMD (v1)'s regression is a dmd2 option; must be 0 here")
         return self
 
 
