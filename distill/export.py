@@ -178,6 +178,8 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     from diffusers import ConsistencyModelPipeline, UNet2DModel
 
     out_dir = Path(out_dir)
+    if callable(getattr(student, "merged", None)):  # an adapter on a shared base (distill.adapters): merge it
+        student = student.merged()
     if _latent_target(student) is not None:
         return _export_latent(student, out_dir, num_steps, config)
     if not (isinstance(student.process, EDMProcess) and student.prediction == "cm" and isinstance(student.model, UNet2DModel)):
@@ -256,11 +258,15 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
     return out_dir
 
 
+def student_prediction(teacher: Denoiser) -> str:
+    """The output kind of a student of `teacher` under its export target (EDM teacher -> "cm")."""
+    return "cm" if isinstance(teacher.process, EDMProcess) else teacher.prediction
+
+
 def student_from_teacher(teacher: Denoiser) -> Denoiser:
     """A trainable copy of the teacher whose output kind is the export target's (EDM teacher -> "cm")."""
     student = teacher.copy(trainable=True)
-    if isinstance(teacher.process, EDMProcess):
-        student.prediction = "cm"
+    student.prediction = student_prediction(teacher)
     return student
 
 

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from pydantic import Field, model_validator
 
+from distill.adapters import AdapterDenoiser, add_lora_adapters
 from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.denoiser import Denoiser
-from distill.export import rollout, step_input, student_from_teacher, student_schedule
+from distill.export import rollout, step_input, student_from_teacher, student_prediction, student_schedule
 from distill.families import Condition, concat_conditions
 from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_store_matches
 from distill.parametrization import add_noise
@@ -57,6 +58,9 @@ class Config(Section):
     regression: RegressionConfig = Field(default_factory=RegressionConfig, description="the regression's "
                                          "distance on the stored pairs")
     pairs: PairsConfig | None = Field(None, description="the pair store of the regression loss; null = none")
+    adapters: bool = Field(False, description="one base in memory: student and fake score are LoRA adapters on "
+                                              "the frozen teacher (distill/adapters.py); the export merges them")
+    lora_rank: int = Field(32, ge=1, description="LoRA rank of each adapter (with adapters: true)")
 
     @model_validator(mode="after")
     def _relations(self) -> "Config":
@@ -142,11 +146,17 @@ class FakeScore(nn.Module):
 class DMD2:
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int, image_shape: tuple[int, ...]):
         self.cfg = cfg
-        self.teacher = teacher.eval().requires_grad_(False)
         self.guidance_scale = guidance_scale
         self.image_shape = image_shape
-        self.generator = student_from_teacher(teacher)  # student, initialised from the teacher
-        self.critic = FakeScore(teacher.copy(trainable=True), gan=cfg.gan)  # fake score, also from the teacher
+        if cfg.adapters:  # one frozen base; the teacher is the base with the adapters off
+            add_lora_adapters(teacher, ["student", "fake_score"], rank=cfg.lora_rank)
+            self.teacher = AdapterDenoiser(teacher, None)
+            self.generator = AdapterDenoiser(teacher, "student", prediction=student_prediction(teacher))
+            self.critic = FakeScore(AdapterDenoiser(teacher, "fake_score"), gan=cfg.gan)
+        else:
+            self.teacher = teacher.eval().requires_grad_(False)
+            self.generator = student_from_teacher(teacher)  # student, initialised from the teacher
+            self.critic = FakeScore(teacher.copy(trainable=True), gan=cfg.gan)  # fake score, also from the teacher
         self.schedule = student_schedule(self.generator, num_steps)
         self.pairs: PairDataset | None = None  # set by build when cfg.regression_weight > 0
         self.regression_distance = cfg.regression.distance() if cfg.regression_weight > 0 else None
@@ -176,6 +186,13 @@ class DMD2:
             return self.generator(x, sched.t(i, n, device), cond)
         with torch.no_grad():
             return unwrap(self.generator)(x, sched.t(i, n, device), cond)
+
+    def _noised_student_sample(self, cond: Condition, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, t, x_t): a student sample (`_student_output`), a noise level and x re-noised at it."""
+        first = next(iter(cond.values()))
+        x = self._student_output(cond, first.shape[0], first.device, grad=grad)
+        t = self._sample_t(first.shape[0], first.device)
+        return x, t, add_noise(self.teacher.process, x, torch.randn_like(x), t)
 
     # -- the two updates -------------------------------------------------------------------------------------
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
@@ -210,11 +227,8 @@ class DMD2:
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        n = next(iter(cond.values())).shape[0]
-        device = next(iter(cond.values())).device
-        x = self._student_output(cond, n, device, grad=False)  # detached generator samples
-        t = self._sample_t(n, device)
-        x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
+        x, t, x_t = self._noised_student_sample(cond, grad=False)  # detached generator samples
+        n, device = x.shape[0], x.device
         if self.cfg.gan:
             if batch.images is None:
                 raise ValueError("dmd2 with gan: true needs real images in the data batch")

@@ -85,3 +85,20 @@ def test_ddp_resume_keeps_ranks_in_sync(ddp_run):
     assert step4.keys() == r0["generator"].keys()
     assert all(torch.equal(step4[k], r0["generator"][k]) for k in step4)
     assert any(not torch.equal(step4[k], ddp_run["step2"]["model.safetensors"][k]) for k in step4)
+
+
+def test_ddp_with_one_base_in_memory(tiny_teacher, tmp_path):
+    """Student and fake score as adapters on one frozen base, each wrapped by DDP on its own (the base is in
+    neither wrapper): both ranks end with the same adapters, GAN head and EMA, and the adapters trained."""
+    yaml = REPO / "recipes" / "dmd2_adapters_digits.yaml"
+    overrides = tiny_overrides(tiny_teacher, tmp_path, "run.max_steps=2", "recipe.lora_rank=4", "recipe.gan=true",
+                               "trainer.generator.lr=1e-3", "trainer.critic.lr=1e-3")
+    launch(str(REPO / "tests" / "tiny.py"), str(tmp_path / "dump"), str(yaml), *overrides)
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == 2 and r0["steps_run"] == r1["steps_run"] == [0, 1]
+    for net in ("generator", "critic", "ema"):
+        differ = [k for k in r0[net] if not torch.equal(r0[net][k], r1[net][k])]
+        assert not differ, f"{net} differs between ranks: {differ[:3]}"
+    assert r0["generator"] and all("lora" in k for k in r0["generator"])
+    lora_b = [v for k, v in r0["generator"].items() if "lora_B" in k]
+    assert any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: non-zero means the student trained
