@@ -81,7 +81,9 @@ def compare_teacher_student(cfg: Config, pipeline_dir: str | Path, out_dir: str 
         r["x_floor"] = r["fd_digits"] / floor
     # Grid: per column one digit; the first 4 rows teacher, the last 4 rows student (same labels).
     n = 40
-    save_grid(torch.cat([teacher[:n], student[:n]]), out_dir / "teacher_vs_student.png", nrow=10)
+    row_labels = [f"teacher {teacher_steps} steps"] * 4 + [f"student {student_steps} step{'s' if student_steps > 1 else ''}"] * 4
+    save_grid(torch.cat([teacher[:n], student[:n]]), out_dir / "teacher_vs_student.png", nrow=10,
+              row_labels=row_labels)
     metrics = {"count": judge.count, "reference": "digits half A (899), split_halves(1797, seed=0)",
                "train_half": "digits half B (898): the only digits any training path reads",
                "precision_recall": "Kynkaanniemi et al. 2019, k = 3, in the judge's features",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -32,11 +32,32 @@ def grid(images: torch.Tensor, nrow: int = 8, pad: int = 1, scale: int = 1) -> I
     return img
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -> Path:
-    """Write a grid PNG atomically (temporary file + rename)."""
+def label_rows(img: Image.Image, labels: list[str], nrows: int, margin: int = 8) -> Image.Image:
+    """`img` with a white column on its left holding one text label per grid row (PIL's built-in font)."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(label, font=font)) for label in labels) + 2 * margin
+    out = Image.new(img.mode, (img.width + width, img.height), 255)
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = img.height / nrows
+    for r, label in enumerate(labels):
+        draw.text((margin, int((r + 0.5) * row_h) - 5), label, fill=0, font=font)
+    return out
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 4,
+              row_labels: list[str] | None = None) -> Path:
+    """Write a grid PNG atomically (temporary file + rename); `row_labels` (one per grid row) go on the left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    grid(images, nrow=nrow, scale=scale).save(tmp, format="PNG")
+    img = grid(images, nrow=nrow, scale=scale)
+    if row_labels is not None:
+        nrows = (len(images) + nrow - 1) // nrow
+        if len(row_labels) != nrows:
+            raise ValueError(f"row_labels: expected {nrows} labels (one per grid row), got {len(row_labels)}")
+        img = label_rows(img, row_labels, nrows)
+    img.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

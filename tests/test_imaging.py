@@ -1,0 +1,24 @@
+"""Sample grids: tiling, atomic writes and row labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.imaging import save_grid
+
+
+def test_row_labels_add_a_text_column_and_must_match_the_rows(tmp_path):
+    images = -torch.ones(20, 1, 8, 8)  # black tiles
+    plain = Image.open(save_grid(images, tmp_path / "plain.png", nrow=10, scale=2))
+    labelled = Image.open(save_grid(images, tmp_path / "labelled.png", nrow=10, scale=2,
+                                    row_labels=["teacher", "student"]))
+    assert labelled.height == plain.height and labelled.width > plain.width
+    margin = np.asarray(labelled)[:, : labelled.width - plain.width]
+    assert (margin < 128).any()  # text was drawn on the white margin
+    assert np.array_equal(np.asarray(labelled)[:, labelled.width - plain.width:], np.asarray(plain))
+    with pytest.raises(ValueError, match="row_labels: expected 2"):
+        save_grid(images, tmp_path / "bad.png", nrow=10, row_labels=["only one"])
+    assert not list(tmp_path.glob(".*.tmp"))
