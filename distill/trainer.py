@@ -67,6 +67,10 @@ class Recipe(Protocol):
       (`trainer.ema_decay`).
     * `export_timesteps: list[int] | None`: custom pipeline timesteps the student was trained to be sampled
       at (see `distill.export.student_schedule`); written into the export's model card and `distill.json`.
+    * `dataset`: an object with `sample(batch_size, generator) -> Batch`, `image_shape` and `grid_condition`
+      to train on instead of the data section's (a pair store; see `distill.recipes.build_recipe`).
+    * `export(generator, out_dir, num_steps, config) -> Path`: a writer for a generator whose export target is
+      not `distill.export.export_pipeline`'s (Phased DMD's experts, a reflowed flow in teacher format).
     """
 
     generator: nn.Module
@@ -83,11 +87,6 @@ class Recipe(Protocol):
     def generate(self, generator: nn.Module, cond: dict[str, Tensor], noise: Tensor) -> Tensor:
         """Student samples in data space for `noise` (standard normal) and conditioning."""
         ...
-
-    # Optional: `dataset` (an object with sample(batch_size, generator) -> Batch, image_shape, grid_condition) to
-    # train on instead of the data section's (see distill.recipes.build_recipe), and
-    # `export(generator, out_dir, num_steps, config) -> Path` for a generator whose export target is not
-    # distill.export.export_pipeline's (both looked up with getattr).
 
 
 # ---------------------------------------------------------------------------------------------------------------
