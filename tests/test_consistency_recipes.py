@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import subprocess_env, tiny_overrides
+from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
 from distill.config import load_config
 from distill.export import rollout
@@ -162,16 +162,7 @@ def test_resume_is_bitwise_exact(tiny_teacher, tmp_path, name):
 # Export: a clean process (distill unimportable) samples each pipeline; it equals the student's rollout
 # ---------------------------------------------------------------------------------------------------------------
 
-CLEAN_SAMPLE = r"""
-import importlib.abc, json, sys
-
-class NoDistill(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "distill" or name.startswith("distill."):
-            raise ImportError(f"{name} must not be needed to load an exported pipeline")
-        return None
-
-sys.meta_path.insert(0, NoDistill())
+CLEAN_SAMPLE = NO_DISTILL + r"""
 import torch
 from diffusers import ConsistencyModelPipeline, DiffusionPipeline
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import subprocess_env, tiny_config
+from tiny import NO_DISTILL, subprocess_env, tiny_config
 
 from distill.export import rollout, student_schedule
 from distill.trainer import Trainer, unwrap
@@ -22,18 +22,7 @@ LABELS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 7]
 SEED = 1234
 
 # Runs in a fresh interpreter in which importing `distill` fails: loading and sampling must need diffusers only.
-CLEAN_LOAD = r"""
-import importlib.abc, json, sys
-
-class NoDistill(importlib.abc.MetaPathFinder):
-    tried = []
-    def find_spec(self, name, path=None, target=None):
-        if name == "distill" or name.startswith("distill."):
-            NoDistill.tried.append(name)
-            raise ImportError(f"{name} must not be needed to load an exported pipeline")
-        return None
-
-sys.meta_path.insert(0, NoDistill())
+CLEAN_LOAD = NO_DISTILL + r"""
 import torch
 from diffusers import ConsistencyModelPipeline, DiffusionPipeline
 

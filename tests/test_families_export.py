@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import subprocess_env
+from tiny import NO_DISTILL, subprocess_env
 from tiny_pipelines import BUILDERS, PROMPTS, write_prompts
 
 from distill.config import ConfigError, load_config
@@ -26,15 +26,7 @@ CASES = [("sd15", 2, "StableDiffusionPipeline"), ("sd3", 1, "StableDiffusion3Pip
          pytest.param("sd3", 2, "StableDiffusion3Pipeline", id="sd3-2"),
          pytest.param("sdxl", 2, "StableDiffusionXLPipeline", marks=pytest.mark.slow)]
 
-CLEAN_LOAD = r"""
-import importlib.abc, json, sys
-
-class NoDistill(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "distill" or name.startswith("distill."):
-            raise ImportError(f"{name} must not be needed to load an exported pipeline")
-
-sys.meta_path.insert(0, NoDistill())
+CLEAN_LOAD = NO_DISTILL + r"""
 import torch
 from diffusers import DiffusionPipeline
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import subprocess_env, tiny_overrides
+from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
 from distill.export import student_schedule
 from distill.parametrization import EDMProcess, VPProcess
@@ -171,16 +171,7 @@ def test_digits_config_and_toy_config_validate():
 
 # -- export ------------------------------------------------------------------------------------------------------
 
-CLEAN_LOAD = r"""
-import importlib.abc, json, sys
-
-class NoDistill(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "distill" or name.startswith("distill."):
-            raise ImportError(f"{name} must not be needed to load an exported pipeline")
-        return None
-
-sys.meta_path.insert(0, NoDistill())
+CLEAN_LOAD = NO_DISTILL + r"""
 import torch
 from diffusers import ConsistencyModelPipeline, DiffusionPipeline
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, subprocess_env, tiny_overrides
+from tiny import NO_DISTILL, REPO, subprocess_env, tiny_overrides
 
 from distill.config import ConfigError, load_config
 from distill.denoiser import load_denoiser
@@ -183,13 +183,7 @@ def run_cfg(name: str, teacher: Path, run: Path, *extra: str):
     return load_config(YAML[name], tiny_overrides(teacher, run, *SMALL_PAIRS, *extra))
 
 
-CLEAN_LOAD = r"""
-import importlib.abc, sys
-class NoDistill(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "distill" or name.startswith("distill."):
-            raise ImportError(name)
-sys.meta_path.insert(0, NoDistill())
+CLEAN_LOAD = NO_DISTILL + r"""
 import torch
 from diffusers import ConsistencyModelPipeline, DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1])

@@ -66,6 +66,23 @@ def tiny_config(teacher: Path, run_dir: Path, *extra: str):
     return load_config(DIGITS_YAML, tiny_overrides(teacher, run_dir, *extra))
 
 
+# The first lines of every script that loads an exported pipeline in a fresh interpreter: importing `distill`
+# fails there (and is recorded in NoDistill.tried), so loading and sampling must need diffusers only.
+NO_DISTILL = r"""
+import importlib.abc, json, sys
+
+class NoDistill(importlib.abc.MetaPathFinder):
+    tried = []
+    def find_spec(self, name, path=None, target=None):
+        if name == "distill" or name.startswith("distill."):
+            NoDistill.tried.append(name)
+            raise ImportError(f"{name} must not be needed to load an exported pipeline")
+        return None
+
+sys.meta_path.insert(0, NoDistill())
+"""
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes: one thread each (tiny models gain nothing from more, and two processes
     fighting over two cores with several threads each are many times slower)."""
