@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.families import Condition
-from distill.families.text import TextConditioned, token_features
+from distill.families.text import TextConditioned, patch_token_features
 
 
 def _drop_learned_variance(model: nn.Module, out: Tensor, channels: int) -> Tensor:
@@ -27,9 +27,7 @@ class DiTFamily:
         return _drop_learned_variance(model, out, x.shape[1])
 
     def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
-        p = model.config.patch_size
-        return token_features(model, model.transformer_blocks, lambda: self.call(model, x, timestep, cond),
-                              (x.shape[-2] // p, x.shape[-1] // p))
+        return patch_token_features(self, model, x, timestep, cond)
 
     def null_condition(self, model: nn.Module, cond: Condition) -> Condition:
         labels = cond["class_labels"]
@@ -49,9 +47,7 @@ class PixArtFamily(TextConditioned):
         return _drop_learned_variance(model, out, x.shape[1])
 
     def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
-        p = model.config.patch_size
-        return token_features(model, model.transformer_blocks, lambda: self.call(model, x, timestep, cond),
-                              (x.shape[-2] // p, x.shape[-1] // p))
+        return patch_token_features(self, model, x, timestep, cond)
 
     def feature_channels(self, model: nn.Module) -> int:
         return model.inner_dim

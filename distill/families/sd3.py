@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill.families import Condition
-from distill.families.text import TextConditioned, token_features
+from distill.families.text import TextConditioned, patch_token_features
 
 
 class SD3Family(TextConditioned):
@@ -18,9 +18,7 @@ class SD3Family(TextConditioned):
                      pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
     def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
-        p = model.config.patch_size
-        return token_features(model, model.transformer_blocks, lambda: self.call(model, x, timestep, cond),
-                              (x.shape[-2] // p, x.shape[-1] // p))
+        return patch_token_features(self, model, x, timestep, cond)
 
     def feature_channels(self, model: nn.Module) -> int:
         return model.inner_dim

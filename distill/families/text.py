@@ -71,3 +71,11 @@ def token_features(model: nn.Module, blocks: nn.ModuleList, run, grid: tuple[int
     feats = captured[0]
     n, _, d = feats.shape
     return out, feats.transpose(1, 2).reshape(n, d, *grid)
+
+
+def patch_token_features(family, model: nn.Module, x: Tensor, timestep: Tensor, cond) -> tuple[Tensor, Tensor]:
+    """`call_with_features` of a 2-D patch transformer (DiT, PixArt, SD3): the raw output and the image tokens
+    after the middle block, on the (H / patch, W / patch) grid."""
+    p = model.config.patch_size
+    return token_features(model, model.transformer_blocks, lambda: family.call(model, x, timestep, cond),
+                          (x.shape[-2] // p, x.shape[-1] // p))
