@@ -50,9 +50,23 @@ def class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack(per_class).mean())
 
 
+def ensure_pairs(cfg) -> None:
+    """Make (or finish) the teacher ODE pair store a pair-trained recipe reads, as `distill pairs` would."""
+    pairs = getattr(getattr(cfg, "recipe", None), "pairs", None)
+    if pairs is None:
+        return
+    from distill.pairs import generate_from_config, read_manifest
+
+    manifest = read_manifest(cfg.recipe.pairs.path)
+    if manifest is None or not manifest.get("complete"):
+        print(f"  making the pair store {cfg.recipe.pairs.path} ({pairs.num_pairs} pairs)", flush=True)
+        generate_from_config(cfg)
+
+
 def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
-            overrides: list[str]) -> dict:
+            overrides: list[str], grids: Path | None = None) -> dict:
     from distill.config import load_config
+    from distill.imaging import save_grid
     from distill.trainer import Trainer
 
     extra = [f"run.output_dir={workdir / f'{name}_{steps}'}", f"student.num_steps={steps}",
@@ -61,6 +75,7 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
     if budget is not None:
         extra.append(f"run.max_steps={budget}")
     cfg = load_config(config, extra)
+    ensure_pairs(cfg)
     start = time.perf_counter()
     trainer = Trainer(cfg)
     trainer.train()
@@ -74,6 +89,8 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
             cond = {"class_labels": labels[chunk: chunk + 256]}
             images.append(trainer.recipe.generate(gen, cond, noise[chunk: chunk + 256]).float().cpu())
     images = torch.cat(images).clamp(-1, 1)
+    if grids is not None:  # 10 samples of each class, one class per column
+        save_grid(images[:100], grids / f"{name}_{steps}step.png", nrow=10, scale=2)
     report = judge.report(images, labels)
     report["diversity"] = class_diversity(judge.features(images), labels)
     report.update({"recipe": name, "steps": steps, "budget": cfg.run.max_steps, "train_seconds": seconds})
@@ -116,7 +133,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
 
 
 def write_outputs(results: dict[str, dict], reference: dict, out: Path, command: str) -> None:
-    rows = sorted(results.values(), key=lambda r: (r["recipe"], r["steps"]))
+    rows = sorted(results.values(), key=lambda r: (r.get("label", r["recipe"]), r["steps"]))
     lines = ["# Recipes side by side on the digits teacher", "",
              "Each student is trained for its step count at the same budget of generator updates and scored on "
              "898 samples (its own k-step rollout, equal to its export) against digits half A with the FD-digits "
@@ -128,7 +145,7 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
              f"| real half B (floor) | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
              f"{reference['precision']:.3f} | {reference['recall']:.3f} | {reference['diversity']:.3f} |"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['steps']} | {r['budget']} | {r['train_seconds']:.0f} | "
+        lines.append(f"| {r.get('label', r['recipe'])} | {r['steps']} | {r['budget']} | {r['train_seconds']:.0f} | "
                      f"{r['fd_digits']:.3f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['diversity']:.3f} |")
     lines += ["", "![FD-digits against steps](compare/fd_digits.png) ![diversity against steps](compare/diversity.png)",
@@ -137,7 +154,7 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
     for key, label in (("fd_digits", "FD-digits"), ("diversity", "diversity")):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
-            series.setdefault(r["recipe"], []).append((r["steps"], r[key]))
+            series.setdefault(r.get("label", r["recipe"]), []).append((r["steps"], r[key]))
         line_chart(series, out / "compare" / f"{key}.png", "digits teacher", label)
 
 
@@ -152,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides for every run (e.g. teacher.path=... for a test teacher)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from distill.config import ConfigError
     from distill.metrics import FDDigits
     from distill.recipes import recipe_configs
 
@@ -177,16 +195,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i + 1}/{len(todo)}] {name} {k}-step: measured before (FD-digits {r['fd_digits']:.3f}), "
                       "skipped", flush=True)
                 continue
-            r = measure(name, configs[name], k, args.budget, judge, args.seed, Path(tmp), args.set)
+            try:
+                r = measure(name, configs[name], k, args.budget, judge, args.seed, Path(tmp), args.set,
+                            args.out / "compare" / "grids")
+            except ConfigError as e:  # e.g. a one-step-only recipe asked for 2 steps: said, not measured
+                print(f"[{i + 1}/{len(todo)}] {name} {k}-step: not run ({e})", flush=True)
+                continue
+            r["label"] = name + (f" ({' '.join(args.set)})" if args.set else "")
             results[key] = r
             results_file.parent.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
             print(f"[{i + 1}/{len(todo)}] {name} {k}-step: FD-digits {r['fd_digits']:.3f}, accuracy "
                   f"{r['accuracy']:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, diversity "
                   f"{r['diversity']:.3f}, {r['train_seconds']:.0f}s", flush=True)
-    selected = {k: v for k, v in results.items() if v["recipe"] in names and v["steps"] in args.steps}
+    this_set = f"|set={' '.join(args.set)}"
+    selected = {k: v for k, v in results.items()
+                if v["recipe"] in names and v["steps"] in args.steps and k.endswith(this_set)}
     command = ("OMP_NUM_THREADS=1 python scripts/compare_recipes.py"
-               + (f" --budget {args.budget}" if args.budget else "") + " --steps " + " ".join(map(str, args.steps)))
+               + (f" --budget {args.budget}" if args.budget else "") + " --steps " + " ".join(map(str, args.steps))
+               + (" --recipes " + " ".join(args.recipes) if args.recipes else "")
+               + (" --set " + " ".join(args.set) if args.set else "")
+               + (f" --out {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}"
+                  if args.out != REPO / "docs" else ""))
     write_outputs(selected, reference, args.out, command)
     print(f"wrote {args.out / 'compare_recipes.md'}")
     return 0

@@ -43,6 +43,11 @@ def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| dmd2") or line.startswith("| phased_dmd")]
     assert len(rows) == 4 and "real half B (floor)" in table
     assert (tmp_path / "compare" / "fd_digits.png").stat().st_size > 0
+    from PIL import Image
+
+    for name, k in (("dmd2", 1), ("phased_dmd", 2)):  # one grid per student: 10 classes x 10 samples
+        with Image.open(tmp_path / "compare" / "grids" / f"{name}_{k}step.png") as grid:
+            assert grid.size[0] == grid.size[1] > 0
     # A second call measures nothing again (resumable) and writes the same table.
     assert compare.main(args) == 0
     second = capsys.readouterr().out
