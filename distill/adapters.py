@@ -44,9 +44,10 @@ def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def add_lora_adapters(base: Denoiser, names: Sequence[str], rank: int, alpha: float | None = None,
-                      targets: Sequence[str] = UNET2D_LORA_TARGETS) -> None:
+                      targets: Sequence[str] | str | None = None) -> None:
     """Inject one LoRA adapter per name into `base`'s network (in place) and freeze the network itself.
-    Adapters start as zero updates (peft: B = 0), so every role starts as the teacher."""
+    Adapters start as zero updates (peft: B = 0), so every role starts as the teacher. `targets` (peft module
+    name suffixes, or one regex that peft full-matches) default to the family's `lora_targets`, else those of a diffusers UNet2DModel."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not names:
@@ -54,15 +55,18 @@ def add_lora_adapters(base: Denoiser, names: Sequence[str], rank: int, alpha: fl
     existing = {a for _, layer in _tuner_layers(base.model) for a in layer.lora_A}
     if clash := sorted(set(names) & existing):
         raise ValueError(f"adapters {clash} already exist on this network")
+    if targets is None:
+        targets = getattr(base.family, "lora_targets", UNET2D_LORA_TARGETS)
     base.model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                        target_modules=targets if isinstance(targets, str) else list(targets),
                         lora_dropout=0.0, init_lora_weights=True)
     with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         for name in names:
             inject_adapter_in_model(config, base.model, adapter_name=name)
     if not _tuner_layers(base.model):
-        raise ValueError(f"no module of {type(base.model).__name__} matches the LoRA targets {list(targets)}")
+        raise ValueError(f"no module of {type(base.model).__name__} matches the LoRA targets {targets!r}")
     for p in base.model.parameters():  # the roles decide what trains; nothing does until they say so
         p.requires_grad_(False)
 

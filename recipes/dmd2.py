@@ -107,7 +107,8 @@ def denoising_loss(native_pred: Tensor, native_target: Tensor) -> Tensor:
 
 
 class GANHead(nn.Module):
-    """A small classifier on bottleneck features (N, C, h, w) -> one logit per sample."""
+    """A small classifier on bottleneck features (N, C, h, w) -> one logit per sample. Vector features (N, C), e.g.
+    an MLP's last hidden layer, are taken as 1 x 1 maps (the 3 x 3 convolutions then act as linear layers)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -119,6 +120,8 @@ class GANHead(nn.Module):
         )
 
     def forward(self, feats: Tensor) -> Tensor:
+        if feats.ndim == 2:
+            feats = feats[:, :, None, None]
         return self.net(feats.float()).squeeze(1)
 
 

@@ -32,6 +32,13 @@ def toy_configs() -> dict[str, Path]:
     return recipe_configs("toy")
 
 
+def recipe_name(config: Path) -> str:
+    """The recipe module a config runs (its `recipe.name`)."""
+    import yaml
+
+    return yaml.safe_load(config.read_text())["recipe"]["name"]
+
+
 def draw_samples(points: torch.Tensor, mixture, path: Path, title: str, size: int = 320, extent: float = 1.1) -> Path:
     """A PNG of 2-D points (red) over the true density (grey levels), axes [-extent, extent]."""
     grid = torch.linspace(-extent, extent, size, dtype=torch.float64)
@@ -112,10 +119,15 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
               "of a mode. Samples: " + ", ".join(f"[{r['recipe']}](toy/{r['recipe'].replace(' ', '_')}.png)"
                                                 for r in rows), ""]
     registered = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.stem.startswith("_"))
-    missing = [r for r in registered if not (REPO / "recipes" / f"{r}_toy.yaml").is_file()]
-    lines += ["Reverse-KL students (DMD2, Phased DMD) seek modes; forward-KL / Jensen-Shannon students (f-distill) "
-              "should cover them: compare the mode-weight KL and recall columns once both kinds have a toy config. "
-              f"Registered recipes: {', '.join(registered)}; without a toy config: {', '.join(missing) or 'none'}.",
+    covered = {recipe_name(path) for path in toy_configs().values()}
+    missing = [r for r in registered if r not in covered]
+    by_divergence = [r for r in rows if r["recipe"].startswith("fdistill_")]
+    if by_divergence:
+        lines += ["f-distill by divergence (same teacher, budget and seed; mode-weight KL and recall are the coverage "
+                  "figures): " + "; ".join(f"{r['recipe'][len('fdistill_'):]}: {r['modes_covered']:.0f}/8 modes, "
+                                            f"mode-weight KL {r['mode_weight_kl']:.3f}, recall {r['recall']:.3f}"
+                                            for r in by_divergence) + ".", ""]
+    lines += [f"Registered recipes: {', '.join(registered)}; without a toy config: {', '.join(missing) or 'none'}.",
               ""]
     path.write_text("\n".join(lines))
     return path

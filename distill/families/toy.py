@@ -52,6 +52,8 @@ class ToyMLP(ModelMixin, ConfigMixin):
 
 class ToyFamily:
     subfolder = "unet"
+    #: LoRA targets (a regex peft full-matches): the input layer and the Linear of every block and of the output
+    lora_targets = r"(input|blocks\.\d+\.1|output\.1)"
 
     def call(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> Tensor:
         return model(x, timestep, cond.get("class_labels"))
