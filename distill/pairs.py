@@ -375,8 +375,21 @@ def generate_from_config(cfg) -> Path:
     spec_extra = {"teacher": str(teacher_dir.resolve()), "teacher_sha256": teacher_fingerprint(teacher_dir),
                   "teacher_prediction": teacher.prediction, "data": f"{cfg.data.name}:train"}
     return generate_pairs(teacher, pc, spec_extra, tuple(dataset.image_shape), cfg.teacher.guidance_scale,
-                          dataset.labels, dataset.num_classes, state.process_index, state.num_processes,
+                          getattr(dataset, "labels", None), dataset.num_classes, state.process_index, state.num_processes,
                           state.device, wait=state.wait_for_everyone)
+
+
+def ensure_store(cfg) -> Path | None:
+    """The store of `cfg.recipe.pairs`, made (or finished) first when it is missing or incomplete; None for a
+    recipe without one. What the comparison scripts call before training a pair-trained recipe."""
+    pc = getattr(cfg.recipe, "pairs", None)
+    if pc is None:
+        return None
+    manifest = read_manifest(pc.path)
+    if manifest is None or not manifest.get("complete"):
+        logger.info("making the pair store %s (%d pairs)", pc.path, pc.num_pairs)
+        return generate_from_config(cfg)
+    return Path(pc.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,6 @@ class Config(Section):
     min_s: float = Field(0.0, ge=0.0, lt=1.0, description="lowest flow time s of the loss (clipped to the "
                                                           "network's range)")
     max_s: float = Field(1.0, gt=0.0, le=1.0, description="highest flow time s of the loss (clipped likewise)")
-    sample_steps: int = Field(20, ge=1, le=1000, description="Euler steps of the flow ODE for sample grids")
     anneal_steps: int = Field(0, ge=0, description="SlimFlow's annealing reflow: steps over which the paired "
                                                    "noise goes from independent to the teacher's; 0 = plain reflow")
     block_out_channels: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
@@ -239,8 +238,9 @@ def write_flow_folder(flow: Denoiser, out_dir: str | Path, source_dir: Path | No
 class Reflow:
     critic = None
 
-    def __init__(self, cfg: Config, teacher: Denoiser, teacher_dir: Path, dataset: PairDataset):
+    def __init__(self, cfg: Config, teacher: Denoiser, teacher_dir: Path, dataset: PairDataset, num_steps: int):
         self.cfg = cfg
+        self.num_steps = num_steps  # student.num_steps: the Euler steps the flow is sampled with (grids, tables)
         self.teacher_dir = teacher_dir
         self.dataset = dataset  # the trainer draws (noise, teacher sample, condition) batches from the store
         if cfg.block_out_channels is None:
@@ -270,7 +270,7 @@ class Reflow:
 
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
-        return sample_flow(generator, cond, noise, self.cfg.sample_steps).clamp(-1, 1)
+        return sample_flow(generator, cond, noise, self.num_steps).clamp(-1, 1)
 
     def export(self, generator: Denoiser, out_dir: str | Path, num_steps: int, config=None) -> Path:
         return write_flow_folder(generator, out_dir, self.teacher_dir, config)
@@ -287,6 +287,6 @@ def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> R
 
     pairs = PairDataset(cfg.recipe.pairs.path, cfg.recipe.pairs.cache_shards)
     check_store_matches(pairs, dataset.image_shape, "recipe.pairs.path")
-    recipe = Reflow(cfg.recipe, teacher, resolve_path(cfg.teacher.path), pairs)
+    recipe = Reflow(cfg.recipe, teacher, resolve_path(cfg.teacher.path), pairs, cfg.student.num_steps)
     recipe.generator.to(device)
     return recipe

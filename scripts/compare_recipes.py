@@ -50,23 +50,11 @@ def class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack(per_class).mean())
 
 
-def ensure_pairs(cfg) -> None:
-    """Make (or finish) the teacher ODE pair store a pair-trained recipe reads, as `distill pairs` would."""
-    pairs = getattr(getattr(cfg, "recipe", None), "pairs", None)
-    if pairs is None:
-        return
-    from distill.pairs import generate_from_config, read_manifest
-
-    manifest = read_manifest(cfg.recipe.pairs.path)
-    if manifest is None or not manifest.get("complete"):
-        print(f"  making the pair store {cfg.recipe.pairs.path} ({pairs.num_pairs} pairs)", flush=True)
-        generate_from_config(cfg)
-
-
 def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
             overrides: list[str], grids: Path | None = None) -> dict:
     from distill.config import load_config
     from distill.imaging import save_grid
+    from distill.pairs import ensure_store
     from distill.trainer import Trainer
 
     extra = [f"run.output_dir={workdir / f'{name}_{steps}'}", f"student.num_steps={steps}",
@@ -75,7 +63,7 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
     if budget is not None:
         extra.append(f"run.max_steps={budget}")
     cfg = load_config(config, extra)
-    ensure_pairs(cfg)
+    ensure_store(cfg)  # pair-trained recipes: their teacher ODE pair store, made once
     start = time.perf_counter()
     trainer = Trainer(cfg)
     trainer.train()

@@ -73,6 +73,7 @@ def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, w
                extra: list[str] = ()) -> tuple[dict, torch.Tensor]:
     from distill.config import load_config
     from distill.toy import toy_mixture
+    from distill.pairs import ensure_store
     from distill.toy_metrics import toy_report
     from distill.trainer import Trainer
 
@@ -81,6 +82,9 @@ def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, w
     if budget is not None:
         overrides.append(f"run.max_steps={budget}")
     cfg = load_config(config, overrides)
+    if getattr(cfg.recipe, "pairs", None) is not None:  # a toy pair store takes seconds: made per run, in workdir
+        cfg = load_config(config, [*overrides, f"recipe.pairs.path={workdir / 'pairs' / name}"])
+    ensure_store(cfg)
     start = time.perf_counter()
     trainer = Trainer(cfg)
     trainer.train()
