@@ -127,7 +127,9 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
              "898 samples (its own k-step rollout, equal to its export) against digits half A with the FD-digits "
              "judge (`docs/fd_digits.md`; not Inception FID). Diversity: mean pairwise judge-feature distance within "
              "a class. The real train half B is the reference row (the floor).", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}`" + ("; a row labelled `NAME (KEY=VALUE)` is the same command with `--recipes NAME "
+                                        "--set KEY=VALUE`" if any("label" in r and r["label"] != r["recipe"]
+                                                                 for r in rows) else ""), "",
              "| recipe | steps | updates | train s | FD-digits | accuracy | precision | recall | diversity |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| real half B (floor) | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", nargs="*", default=None, help="names (default: every recipes/*_digits.yaml)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write the table and plots from what results.json holds (every --set, each "
+                         "its own row), e.g. after merging the results of runs made in parallel")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every run (e.g. teacher.path=... for a test teacher)")
     args = ap.parse_args(argv)
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     held_out, held_labels = digits_split("train", 16)  # the real train half B (judge.held_out) with its labels
     reference = judge.report(held_out, held_labels)
     reference["diversity"] = class_diversity(judge.features(held_out), held_labels)
-    todo = [(n, k) for n in names for k in args.steps]
+    todo = [] if args.report_only else [(n, k) for n in names for k in args.steps]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, k) in enumerate(todo):
             key = f"{name}|steps={k}|budget={args.budget}|set={' '.join(args.set)}"
@@ -198,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['diversity']:.3f}, {r['train_seconds']:.0f}s", flush=True)
     this_set = f"|set={' '.join(args.set)}"
     selected = {k: v for k, v in results.items()
-                if v["recipe"] in names and v["steps"] in args.steps and k.endswith(this_set)}
+                if v["recipe"] in names and v["steps"] in args.steps and (args.report_only or k.endswith(this_set))
+                and (args.budget is None or v["budget"] == args.budget)}
     command = ("OMP_NUM_THREADS=1 python scripts/compare_recipes.py"
                + (f" --budget {args.budget}" if args.budget else "") + " --steps " + " ".join(map(str, args.steps))
                + (" --recipes " + " ".join(args.recipes) if args.recipes else "")
-               + (" --set " + " ".join(args.set) if args.set else "")
+               + (" --set " + " ".join(args.set) if args.set and not args.report_only else "")
                + (f" --out {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}"
                   if args.out != REPO / "docs" else ""))
     write_outputs(selected, reference, args.out, command)

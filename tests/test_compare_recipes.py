@@ -53,6 +53,13 @@ def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
     second = capsys.readouterr().out
     assert second.count("measured before") == 4 and "accuracy" not in second.split("wrote")[0]
     assert (tmp_path / "compare_recipes.md").read_text() == table
+    # --report-only trains nothing: the table of what results.json holds, here the 1-step rows only.
+    assert compare.main(["--report-only", "--steps", "1", "--out", str(tmp_path)]) == 0
+    third = capsys.readouterr().out
+    assert "FD-digits" not in third and "measured before" not in third
+    rows = [line for line in (tmp_path / "compare_recipes.md").read_text().splitlines()
+            if line.startswith("| dmd2") or line.startswith("| phased_dmd")]
+    assert len(rows) == 2 and all(" | 1 | " in line for line in rows)
 
 
 def test_unknown_recipe_is_named(tmp_path):
