@@ -123,3 +123,35 @@ BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3}
 def write_prompts(path: Path) -> Path:
     path.write_text("\n".join(PROMPTS) + "\n")
     return path
+
+
+def build_clip(root: Path) -> Path:
+    """A tiny random CLIPModel (text + vision towers, 16 px images) with its CLIPProcessor, saved as the local
+    folder a CLIP-score user passes (`CLIPModel.from_pretrained(root)`, `CLIPProcessor.from_pretrained(root)`)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = clip_text(False).config.to_dict()
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 16, "patch_size": 8}
+    torch.manual_seed(3)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(root)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer(root.parent / f"_{root.name}_tok")).save_pretrained(root)
+    return root
+
+
+class StandInFeatures(torch.nn.Module):
+    """A seeded random convolution and mean pool: a stand-in for Inception in FID tests (uint8 images in, 6 features
+    per image out), so no Inception weights are needed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv((images.float() - 128) / 128)).mean((2, 3))
+
+
+def stand_in_features() -> torch.nn.Module:
+    return StandInFeatures().eval()
