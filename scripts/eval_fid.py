@@ -164,6 +164,7 @@ def run(args) -> int:
     def rows(images: torch.Tensor) -> torch.Tensor:
         return network(images.to(args.device)).float().cpu().reshape(len(images), -1)
 
+    batches, described = source_images(args, prompts)  # checked (and the pipeline loaded) before any feature pass
     fid, floor = FrechetSets(), FrechetSets()
     for start in range(0, len(references), args.batch_size):
         batch = references[start:start + args.batch_size]
@@ -174,7 +175,6 @@ def run(args) -> int:
             for real in (True, False):
                 if (even == real).any():
                     floor.update(feats[even == real], real=real)
-    batches, described = source_images(args, prompts)
     for _, images in batches:
         fid.update(rows(torch.stack([prepare(to_pil(img), args.resolution, args.resample, args.resize)
                                      for img in images])), real=False)
