@@ -172,6 +172,21 @@ def uint8_images(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def script_parser(doc: str):
+    """An argparse parser whose --help begins with the script's docstring, as written."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run_script(run, args) -> int:
+    """run(args), with a BadInput ending the script as one `error: ...` line (exit status 1)."""
+    try:
+        return run(args)
+    except BadInput as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def add_source_args(ap, what: str) -> None:
     """The flags eval_fid.py and eval_clip.py share: where the images come from and how they are drawn."""
     ap.add_argument("source", help=f"a diffusers pipeline folder to {what}, or a folder of images written by "
@@ -245,8 +260,12 @@ def prompts_from_args(args) -> list[str]:
 
 
 def describe_prompts(args, prompts: Sequence[str]) -> str:
-    which = "all" if args.num_prompts is None else (
-        f"the first {len(prompts)}" if args.prompt_seed is None else f"{len(prompts)} drawn with seed {args.prompt_seed}")
+    if args.num_prompts is None:
+        which = "all"
+    elif args.prompt_seed is None:
+        which = f"the first {len(prompts)}"
+    else:
+        which = f"{len(prompts)} drawn with seed {args.prompt_seed}"
     return f"{which} of {args.prompts} ({len(prompts)})"
 
 

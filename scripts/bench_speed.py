@@ -5,7 +5,8 @@
 
 The teacher runs at its default steps with its default classifier-free guidance (or --teacher-steps /
 --teacher-guidance), the student at each of --student-steps with guidance off (the guidance_scale in its
-distill.json call, else 1.0, which is off in every diffusers text-to-image pipeline). Each setting is called
+distill.json call, else 1.0, which turns classifier-free guidance off in the SD1.5, SDXL and SD3 pipelines; a
+guidance-distilled Flux takes its embedded guidance from distill.json or --student-guidance). Each setting is called
 --warmup times untimed and --repeats times timed on the same batch of prompts (the first --batch-size of the file);
 the figure is the median call. Printed per row: steps, whether CFG ran, NFE (network evaluations per image:
 steps x 2 with CFG), seconds per call, milliseconds per image, images per second, and the speed-up over the
@@ -18,7 +19,6 @@ on a CPU, or with the tiny test pipelines, only the ratios are indicative.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,7 +26,8 @@ import time
 import torch
 
 from distill.t2i_eval import (BadInput, CallSettings, add_device_args, call_settings, exported_guidance, format_table,
-                              load_pipeline, read_prompts, student_meta, torch_dtype, write_json)
+                              load_pipeline, read_prompts, run_script, script_parser, student_meta, torch_dtype,
+                              write_json)
 
 
 def timed_calls(pipe, prompts: list[str], settings: CallSettings, warmup: int, repeats: int, seed: int,
@@ -68,7 +69,7 @@ def speed_rows(measured: list[dict], batch_size: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("teacher", help="the teacher's diffusers pipeline folder")
     ap.add_argument("student", help="the distilled student's pipeline folder (a distill export)")
     ap.add_argument("--prompts", required=True, metavar="FILE", help="one prompt a line (the first --batch-size used)")
@@ -76,17 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-steps", type=int, help="default: the teacher pipeline's default")
     ap.add_argument("--teacher-guidance", type=float, help="default: the teacher pipeline's default (CFG on)")
     ap.add_argument("--student-guidance", type=float, help="default: distill.json's call, else 1.0 (off)")
-    ap.add_argument("--image-size", type=int, metavar="PX", help="default: the student's distill.json resolution")
+    ap.add_argument("--image-size", type=int, metavar="PX", help="both pipelines (default: the student's distill.json resolution)")
     ap.add_argument("--batch-size", type=int, default=1, help="images per call (default 1: latency)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per setting (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per setting; the median counts (default 5)")
     ap.add_argument("--seed", type=int, default=0)
     add_device_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except BadInput as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_script(run, ap.parse_args(argv))
 
 
 def run(args) -> int:

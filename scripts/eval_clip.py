@@ -16,14 +16,14 @@ before each caption for CLIP only (the pipeline gets the caption as it is).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distill.t2i_eval import BadInput, add_source_args, describe_prompts, format_table, prompts_from_args, source_images, write_json
+from distill.t2i_eval import (BadInput, add_source_args, describe_prompts, format_table, prompts_from_args,
+                              run_script, script_parser, source_images, write_json)
 
 #: (vision width, vision layers, patch) -> the name papers use
 CLIP_ARCHITECTURES = {(768, 12, 32): "ViT-B/32", (768, 12, 16): "ViT-B/16", (1024, 24, 14): "ViT-L/14",
@@ -87,15 +87,11 @@ def load_clip(folder: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     add_source_args(ap, "score")
     ap.add_argument("--clip-model", required=True, metavar="DIR", help="local CLIPModel + CLIPProcessor folder")
     ap.add_argument("--prefix", default="", help='put before every caption for CLIP, e.g. "A photo depicts "')
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except BadInput as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_script(run, ap.parse_args(argv))
 
 
 def run(args) -> int:

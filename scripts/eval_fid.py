@@ -30,7 +30,6 @@ Resize conventions into Inception's 299 x 299 (`--resize`, printed with the resu
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import sys
@@ -40,7 +39,8 @@ import torch
 from torch import nn
 
 from distill.t2i_eval import (RESAMPLE, BadInput, add_source_args, center_crop_resize, describe_prompts, format_table,
-                              from_pil, image_files, load_rgb, prompts_from_args, source_images, to_pil, write_json)
+                              from_pil, image_files, load_rgb, prompts_from_args, run_script, script_parser,
+                              source_images, to_pil, write_json)
 
 INCEPTION_SIZE = 299
 RESIZE = {
@@ -128,7 +128,7 @@ def prepare(img, resolution: int, resample: str, resize: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     add_source_args(ap, "evaluate")
     ap.add_argument("--reference", required=True, metavar="DIR", help="folder of real images (e.g. COCO val2014)")
     ap.add_argument("--num-reference", type=int, metavar="N", help="the first N reference images by name (default all)")
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     net.add_argument("--feature-module", metavar="MODULE:FACTORY", help="a feature network of your own instead")
     ap.add_argument("--resize", choices=sorted(RESIZE), default="tf", help="resize convention into Inception")
     ap.add_argument("--floor", action="store_true", help="also the reference's even images against its odd ones")
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except BadInput as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_script(run, ap.parse_args(argv))
 
 
 def run(args) -> int:

@@ -136,7 +136,8 @@ def build_clip(root: Path) -> Path:
     torch.manual_seed(3)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(root)
     images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer(root.parent / f"_{root.name}_tok")).save_pretrained(root)
+    tokenizer = clip_tokenizer(root.parent / f"_{root.name}_tok")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
     return root
 
 
