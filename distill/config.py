@@ -70,6 +70,11 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
 
+    def check_run(self, cfg: "Config") -> None:
+        """A recipe section's relations to the rest of the run (its data, its teacher), checked when the config
+        is loaded, after the teacher folder: raise a ConfigError that names the key at fault and says why (e.g.
+        :func:`require_images`). Nothing by default."""
+
 
 def require(ok: bool, key: str, message: str) -> None:
     """In a section's ``@model_validator(mode="after")``: fail with an error naming `key` (relative to the
@@ -106,14 +111,19 @@ class TeacherConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "prompts", "toy"] = Field(
+    name: Literal["digits", "prompts", "images", "toy"] = Field(
         "digits", description="the data set (digits: the train half of scikit-learn's digits, "
                               "distill.data.digits_split; prompts: the lines of data.prompts, encoded once by the "
-                              "teacher pipeline's own text encoders and cached in data.cache_dir; toy: 2-D "
-                              "points of the Gaussian mixture of distill/toy.py, resolution unused)")
+                              "teacher pipeline's own text encoders and cached in data.cache_dir, no images; "
+                              "images: the captioned images of data.images as the teacher pipeline's VAE latents "
+                              "(distill/latents.py); toy: 2-D points of the Gaussian mixture of distill/toy.py, "
+                              "resolution unused)")
     prompts: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
                                 description="a text file, one prompt per line (DiT: one class index per line); "
                                             "required with data.name: prompts, null otherwise")
+    images: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
+                               description="a folder of images with metadata.jsonl (one JSON object per line: "
+                                           "file_name, text); required with data.name: images, null otherwise")
     cache_dir: str = Field("~/.cache/distill", min_length=1, pattern=PATH_PATTERN,
                            description="where prompt embeddings are cached (keyed by the text encoders and prompts)")
     num_frames: int = Field(1, ge=1, le=1025, description="frames per sample for video teachers (Wan: 4k + 1); "
@@ -128,7 +138,15 @@ class DataConfig(Section):
         require((self.prompts is not None) == (self.name == "prompts"), "prompts",
                 f"a prompts file goes with data.name: prompts (and only then), got name {self.name!r} and "
                 f"prompts {self.prompts!r}")
+        require((self.images is not None) == (self.name == "images"), "images",
+                f"an images folder goes with data.name: images (and only then), got name {self.name!r} and "
+                f"images {self.images!r}")
         return self
+
+    @property
+    def has_images(self) -> bool:
+        """Whether batches carry data samples (digits, toy points, image latents); prompts alone do not."""
+        return self.name != "prompts"
 
 
 class StudentConfig(Section):
@@ -429,6 +447,15 @@ def resolve_path(path: str) -> Path:
     return local
 
 
+def require_images(cfg: Config, key: str, why: str) -> None:
+    """For a recipe section's :meth:`Section.check_run`: refuse data without images, naming the dotted `key` at
+    fault (`data.name`, or the recipe key that asks for images) and saying why the recipe needs them."""
+    if not cfg.data.has_images:
+        raise ConfigError(f"{key}: recipe {cfg.recipe_name} needs data images ({why}), and data.name: "
+                          f"{cfg.data.name} holds captions only; use data.name: images (a folder of captioned "
+                          "images, encoded by the teacher pipeline's VAE)")
+
+
 def build_config(data: dict) -> Config:
     """Validate a raw mapping (a parsed YAML file plus overrides) into a Config."""
     data = dict(data or {})
@@ -455,6 +482,11 @@ def build_config(data: dict) -> Config:
     check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction)  # before training, with the reason
     if cfg.data.prompts is not None and not Path(cfg.data.prompts).expanduser().is_file():
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} is not a file (one prompt per line)")
+    if cfg.data.images is not None:
+        from distill.latents import check_image_data
+
+        check_image_data(resolve_path(cfg.teacher.path), Path(cfg.data.images).expanduser(), cfg.teacher.prediction)
+    cfg.recipe.check_run(cfg)  # the recipe's relations to the data and the teacher, before anything is loaded
     if cfg.trainer.resume not in (None, "latest"):
         check_checkpoint(Path(cfg.trainer.resume).expanduser(), "trainer.resume")
     return cfg

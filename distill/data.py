@@ -89,7 +89,8 @@ class DigitsDataset:
 
 
 def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
-    """The data set of `data.name`; "prompts" needs the data section and the loaded teacher (its pipeline folder)."""
+    """The data set of `data.name`; "prompts" and "images" need the data section and the loaded teacher (its
+    pipeline folder)."""
     if name == "digits":
         return DigitsDataset(resolution)
     if name == "toy":  # 2-D points of the Gaussian mixture in distill/toy.py; `resolution` does not apply
@@ -106,4 +107,13 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
         return PromptDataset(Path(src["folder"]), Path(data_config.prompts).expanduser(), resolution,
                              Path(data_config.cache_dir).expanduser(), data_config.num_frames, teacher.prediction,
                              device)
-    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'prompts', 'toy']")
+    if name == "images":
+        from pathlib import Path
+
+        from distill.latents import ImageDataset
+
+        src = teacher.source
+        device = next(teacher.model.parameters()).device
+        return ImageDataset(Path(src["folder"]), Path(data_config.images).expanduser(), resolution,
+                            Path(data_config.cache_dir).expanduser(), teacher.prediction, device)
+    raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'images', 'prompts', 'toy']")

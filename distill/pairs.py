@@ -75,6 +75,15 @@ class PairsConfig(Section):
 RegressionKind = Literal["l2", "pseudo_huber", "perceptual"]
 
 
+def check_pairs_data(cfg, key: str = "recipe.pairs") -> None:
+    """Refuse, when the config is loaded, a pair store for text-conditioned data: stores hold class labels drawn
+    from the digits (or toy) train labels (`draw_conditions`); prompt conditions are not implemented."""
+    if cfg.data.name in ("prompts", "images"):
+        raise ConfigError(f"{key}: a pair store (distill pairs) holds class-label conditions drawn from the train "
+                          f"labels of data.name: digits or toy; stores of text conditions (data.name: "
+                          f"{cfg.data.name}) are not implemented")
+
+
 def pseudo_huber_c(dim: int) -> float:
     """Song & Dhariwal 2023 (iCT, arXiv 2310.14189, sec. 3.3): c = 0.00054 sqrt(d) for d data dimensions."""
     return 0.00054 * math.sqrt(dim)

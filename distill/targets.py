@@ -60,6 +60,10 @@ class NoisingSchedule:
     def start(self, noise: Tensor) -> Tensor:
         return noise
 
+    def renoise_time(self, i: int) -> float:
+        """The native time whose (alpha, sigma) `renoise(x0, i, .)` uses: the trained time of step i."""
+        return float(self.times[i])
+
     def renoise(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
         alpha, sigma = self.process.alpha_sigma(self.times[i : i + 1].to(x0.device))
         return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
@@ -369,14 +373,14 @@ class PromptDataset:
 
     `image_shape` is the latent shape the pipeline samples at `resolution`; `null_condition` the empty prompt."""
 
-    def __init__(self, folder: Path, prompts_file: Path, resolution: int, cache_dir: Path, num_frames: int = 1,
-                 prediction: str | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, folder: Path, prompts_file: Path | list[str], resolution: int, cache_dir: Path,
+                 num_frames: int = 1, prediction: str | None = None, device: torch.device | str = "cpu"):
         target, net, _ = teacher_target(folder, prediction)
         if target is None:
             raise ValueError("data.name: prompts needs a latent text- or class-conditioned teacher, not a pixel "
                              "UNet2DModel")
         self.target = target
-        self.prompts = read_prompts(prompts_file)
+        self.prompts = list(prompts_file) if isinstance(prompts_file, list) else read_prompts(prompts_file)
         self.image_shape = target.latent_shape(folder, net, resolution, num_frames)
         self.cond, self.null_condition = cached_embeddings(folder, target, self.prompts, resolution, cache_dir,
                                                            torch.device(device))

@@ -29,11 +29,11 @@ from pydantic import Field, model_validator
 
 from distill.adapters import AdapterDenoiser, add_lora_adapters
 from distill.config import Config as RunConfig
-from distill.config import Section, require
+from distill.config import Section, require, require_images
 from distill.denoiser import Denoiser
 from distill.export import rollout, step_input, student_from_teacher, student_prediction, student_schedule
 from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_store_matches
+from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_pairs_data, check_store_matches
 from distill.parametrization import add_noise
 from distill.trainer import Batch, frozen, unwrap
 
@@ -68,6 +68,12 @@ class Config(Section):
         require(self.regression_weight == 0 or self.pairs is not None, "pairs",
                 f"recipe.regression_weight={self.regression_weight} needs a pair store (recipe.pairs)")
         return self
+
+    def check_run(self, cfg: RunConfig) -> None:
+        if self.gan:
+            require_images(cfg, "recipe.gan", "the GAN head tells real images from the student's, DMD2 sec. 4.3")
+        if self.regression_weight > 0:
+            check_pairs_data(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from distill.config import ConfigError, Section
 from distill.denoiser import Denoiser
 from distill.export import rollout, student_from_teacher, student_schedule
 from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_store_matches
+from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_pairs_data, check_store_matches
 from distill.recipes.reflow import flow_range, flow_velocity, parameter_count
 
 
@@ -39,6 +39,9 @@ class Config(Section):
     flow_guidance_weight: float = Field(0.0, ge=0.0, description="SlimFlow's flow-guided distillation: weight "
                                                                  "of the regression on the flow's online 2-step "
                                                                  "samples; 0 = plain InstaFlow")
+
+    def check_run(self, cfg: RunConfig) -> None:
+        check_pairs_data(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------

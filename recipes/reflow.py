@@ -45,7 +45,7 @@ from distill.config import Config as RunConfig
 from distill.config import ConfigError, Section, require
 from distill.denoiser import Denoiser
 from distill.families import Condition
-from distill.pairs import PairDataset, PairsConfig, check_store_matches
+from distill.pairs import PairDataset, PairsConfig, check_pairs_data, check_store_matches
 from distill.parametrization import EDMProcess, FlowProcess
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -71,6 +71,9 @@ class Config(Section):
         require(self.layers_per_block is None or self.block_out_channels is not None, "layers_per_block",
                 "only applies with recipe.block_out_channels (a new, smaller network)")
         return self
+
+    def check_run(self, cfg: RunConfig) -> None:
+        check_pairs_data(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
