@@ -430,6 +430,17 @@ def native_time_from_edm_sigma(process: Process, sigma: Tensor) -> Tensor:
     raise NotImplementedError(f"no EDM-sigma -> native time map for {type(process).__name__}")
 
 
+def edm_sigma_range(process: Process) -> tuple[float, float]:
+    """The EDM noise levels sigma / alpha that `process`'s native times reach: a VP process's table ends at
+    timesteps 0 and T - 1 (SD: 0.029 and 14.6); EDM, rectified flow and TrigFlow reach every level."""
+    if isinstance(process, VPProcess):
+        ends = torch.tensor([0.0, process.num_train_timesteps - 1.0])
+        alpha, sigma = process.alpha_sigma(ends)
+        lo, hi = (sigma / alpha).tolist()
+        return lo, hi
+    return 0.0, math.inf
+
+
 def trigflow_to_native(process: Process, x_trig: Tensor, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
     """(x_native, native time) of the TrigFlow state x_trig = cos t x0 + sin t z, z ~ N(0, sigma_data^2 I).
 

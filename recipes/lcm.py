@@ -1,16 +1,19 @@
 """LCM-style discrete consistency distillation (Song et al. 2023, arXiv 2303.01469 Alg. 2; Luo et al. 2023,
 arXiv 2310.04378 Alg. 1): the baseline users know from diffusers' examples.
 
-On a grid of `num_timesteps` noise levels (the Karras grid of the export target's scheduler), pick n and the
-skipped level n - k. Noise data to x_n; one *skipping-step* teacher solver step (DDIM, the first-order
+On a grid of `num_timesteps` noise levels, evenly spaced in the teacher's unit time (EDM: the Karras grid of the
+export target's scheduler; VP: integer timesteps from 0 to T - 1, LCM's DDIM grid; flow: shifted times from 0 to
+1), pick n and the skipped level n - k. Noise data to x_n; one *skipping-step* teacher solver step (DDIM, the first-order
 DPM-Solver++ step, with the teacher's classifier-free guidance) gives x_{n-k}; the student's x0 at (x_n, n) is
 pulled toward the EMA *target network*'s x0 at (x_{n-k}, n - k) with a pseudo-Huber loss
 sqrt(||a - b||^2 / D + c^2) - c (iCT, Song & Dhariwal 2023; LCM's diffusers example uses c = 0.001).
 
-Boundary scalings: the student is the export target's consistency-model network, x0 = c_skip x + c_out F with
-CMStochasticIterativeScheduler's scalings (c_skip = 1, c_out = 0 at sigma_min), so f(x, sigma_min) = x holds
-by construction, and the target at the last grid level is x_{n-k} itself. (LCM's `timestep_scaling` = 10 is the
-same idea for SD's VP timesteps; here the export's own scalings are the ones that must hold.)
+Boundary condition f(x, t_0) = x at the grid's clean end: the target at level 0 is x_0 itself. An EDM student is
+the export target's consistency-model network, x0 = c_skip x + c_out F with CMStochasticIterativeScheduler's
+scalings (c_skip = 1, c_out = 0 at sigma_min), which gives exactly that. A VP or flow student keeps its teacher's
+prediction, as its export target samples it (LCMScheduler with the boundary scalings off, stochastic
+FlowMatchEulerDiscreteScheduler; distill/targets.py), so the boundary is imposed on the target instead. (LCM's
+`timestep_scaling` = 10 builds it into SD's network; the export's own sampler is the one that must hold here.)
 
 Guidance: the teacher's guidance w is fixed (`teacher.guidance_scale`) and distilled in. LCM feeds w as an input
 embedding so one student serves a range of w; a stock `ConsistencyModelPipeline` has no input through which a
@@ -27,17 +30,18 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.config import Config as RunConfig
-from distill.config import Section, require
+from distill.config import ConfigError, Section, require, require_images
 from distill.denoiser import Denoiser
-from distill.export import rollout, student_from_teacher, student_schedule
+from distill.export import check_custom_timesteps, rollout, student_from_teacher, student_schedule
 from distill.families import Condition
-from distill.parametrization import _bcast, add_noise, karras_sigmas
+from distill.parametrization import _bcast, add_noise
 from distill.trainer import Batch, unwrap
 
 
 class Config(Section):
-    num_timesteps: int = Field(40, ge=2, le=1000, description="levels of the discretisation grid (the export "
-                                                              "scheduler's num_train_timesteps is 40)")
+    num_timesteps: int = Field(40, ge=2, le=1000, description="levels of the discretisation grid, evenly spaced "
+                                                              "in unit time (EDM: the export scheduler's "
+                                                              "num_train_timesteps is 40; LCM on SD: 50)")
     skip_steps: int = Field(1, ge=1, description="k: the teacher solver jumps k grid levels (LCM: 20 of 1000)")
     target_decay: float = Field(0.95, ge=0.0, lt=1.0, description="EMA target network decay (LCM: 0.95); 0 = the "
                                                                   "student itself (stop-gradient)")
@@ -54,6 +58,11 @@ class Config(Section):
             require(all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0, "timesteps",
                     f"must be strictly descending and end with 0, got {ts}")
         return self
+
+    def check_run(self, cfg: RunConfig) -> None:
+        require_images(cfg, "data.name", "data samples are noised to x_n before the teacher's solver step, LCM "
+                                         "Alg. 1")
+        check_custom_timesteps(cfg, self.timesteps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,11 +98,11 @@ class LCM:
         self.target_network: nn.Module | None = None
         self.export_timesteps = cfg.timesteps
         self.schedule = student_schedule(self.generator, num_steps, cfg.timesteps)
-        process = teacher.process
-        if not hasattr(process, "sigma_min"):
-            raise NotImplementedError("lcm's grid is the consistency scheduler's Karras grid: an EDM teacher")
-        u = torch.linspace(0, 1, cfg.num_timesteps, dtype=torch.float64)  # index 0 = sigma_min (clean end)
-        self.grid = karras_sigmas(u, process.sigma_min, process.sigma_max, process.rho).float()
+        # index 0 is the clean end (EDM: sigma_min); from_unit is the Karras ramp for EDM
+        self.grid = teacher.process.from_unit(torch.linspace(0, 1, cfg.num_timesteps))
+        if len(set(self.grid.tolist())) < cfg.num_timesteps:
+            raise ConfigError(f"recipe.num_timesteps: {cfg.num_timesteps} levels repeat native times of the "
+                              f"teacher's {type(teacher.process).__name__} (VP: at most T distinct timesteps)")
 
     def teacher_solver(self, x_n: Tensor, t_n: Tensor, t_m: Tensor, cond: Condition) -> Tensor:
         """The skipping-step teacher solver: one guided DDIM step from t_n to t_m (native times)."""
@@ -116,7 +125,9 @@ class LCM:
         x_n = add_noise(self.teacher.process, x0, torch.randn_like(x0), t_n)
         x_m = self.teacher_solver(x_n, t_n, t_m, cond)
         with torch.no_grad():
-            target = self.target_network(x_m, t_m, cond)  # boundary: f(x, sigma_min) = x by the CM scalings
+            target = self.target_network(x_m, t_m, cond)
+            clean_end = (idx == k).view(-1, *[1] * (x0.ndim - 1))  # level n - k = 0: the boundary f(x, t_0) = x
+            target = torch.where(clean_end, x_m, target)
         pred = self.generator(x_n, t_n, cond)
         loss = pseudo_huber(pred, target, self.cfg.huber_c).mean()
         return loss, {"loss": loss.item()}

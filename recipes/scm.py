@@ -50,12 +50,12 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.config import Config as RunConfig
-from distill.config import Section, require
+from distill.config import Section, require, require_images
 from distill.denoiser import Denoiser
-from distill.export import rollout, student_from_teacher, student_schedule
+from distill.export import check_custom_timesteps, rollout, student_from_teacher, student_schedule
 from distill.families import Condition
 from distill.jvp import jvp
-from distill.parametrization import _bcast, trigflow_from_x0, trigflow_to_native
+from distill.parametrization import _bcast, edm_sigma_range, trigflow_from_x0, trigflow_to_native
 from distill.trainer import Batch, unwrap
 
 
@@ -94,6 +94,10 @@ class Config(Section):
             require(ts[-1] == 0, "timesteps", f"must end with 0 (the first step starts at sigma_max), got {ts}")
         return self
 
+    def check_run(self, cfg: RunConfig) -> None:
+        require_images(cfg, "data.name", "x_t = cos(t) x0 + sin(t) z is built from data samples x0, sCM eq. 8")
+        check_custom_timesteps(cfg, self.timesteps)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure pieces (tested against closed forms on a Gaussian toy)
@@ -102,9 +106,13 @@ class Config(Section):
 TrigFlowFn = Callable[[Tensor, Tensor], Tensor]  # (x_trig, t) -> F
 
 
-def sample_trigflow_time(n: int, cfg: Config, sigma_data: float, device: torch.device) -> Tensor:
-    """TrigFlow times t = arctan(sigma / sd); lognormal sigma (sCM sec. 4.4) or uniform t, within the range."""
-    t_lo, t_hi = math.atan(cfg.min_sigma / sigma_data), math.atan(cfg.max_sigma / sigma_data)
+def sample_trigflow_time(n: int, cfg: Config, sigma_data: float, device: torch.device,
+                         reach: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+    """TrigFlow times t = arctan(sigma / sd); lognormal sigma (sCM sec. 4.4) or uniform t, within the range
+    [min_sigma, max_sigma] cut to the noise levels `reach` the network's native times cover
+    (`distill.parametrization.edm_sigma_range`: a VP teacher's timesteps 0 to T - 1)."""
+    lo, hi = max(cfg.min_sigma, reach[0]), min(cfg.max_sigma, reach[1])
+    t_lo, t_hi = math.atan(lo / sigma_data), math.atan(hi / sigma_data)
     if cfg.time_sampler == "lognormal":
         sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(n, device=device))
         return torch.atan(sigma / sigma_data).clamp(t_lo, t_hi)
@@ -173,6 +181,10 @@ def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, logvar: Tensor | None 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: |log sigma| fed to the log-variance head at most (sigma e^20 is pure noise for every process).
+LOG_SIGMA_BOUND = 20.0
+
+
 class LogVarianceHead(nn.Module):
     """u(t): a linear layer on Fourier features of log(sigma) (sCM: a linear layer on the time embedding).
     Starts at u = 0 (weight one)."""
@@ -203,7 +215,9 @@ class StudentWithLogVariance(nn.Module):
         if not with_logvar:
             return x0
         alpha, sigma = self.student.process.alpha_sigma(t)
-        return x0, self.logvar(torch.log(sigma / alpha))
+        # log of the EDM sigma, bounded: pure noise (a flow's s = 1, alpha = 0) would give inf, whose NaN
+        # derivative reaches the head's weights even from rows whose log-variance is not used (rCM's rollout rows)
+        return x0, self.logvar(torch.log(sigma / alpha).clamp(-LOG_SIGMA_BOUND, LOG_SIGMA_BOUND))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +249,7 @@ class SCM:
         if batch.images is None:
             raise ValueError("scm needs data images in the batch (x_t is built from data x0)")
         x0, cond = batch.images, batch.cond
-        t = sample_trigflow_time(x0.shape[0], cfg, sd, x0.device)
+        t = sample_trigflow_time(x0.shape[0], cfg, sd, x0.device, edm_sigma_range(self.teacher.process))
         z = sd * torch.randn_like(x0)
         x_t = _bcast(torch.cos(t), x0) * x0 + _bcast(torch.sin(t), x0) * z
         if cfg.mode == "distillation":
