@@ -15,7 +15,8 @@ LoRA parameters, never the base, so the trainer's pieces need no special case:
   as it is loaded from the same folder), so no parameter is shared between two DDP modules;
 * checkpoints hold only the adapters (and heads);
 * the export merges the student's adapter into a copy of the base (:meth:`AdapterDenoiser.merged`): the exported
-  pipeline is the stock one, without peft.
+  pipeline is the stock one, without peft; a latent family's export also writes the adapter alone in diffusers'
+  LoRA format (:meth:`AdapterDenoiser.lora_weights`), for `pipe.load_lora_weights` on the teacher's pipeline.
 
 peft's own adapter switching (``set_adapter``, ``enable_adapters``) also flips ``requires_grad`` of the adapter
 weights; the trainer and recipes own those flags (``distill.trainer.frozen``), so they are restored after every
@@ -148,6 +149,28 @@ class AdapterDenoiser(nn.Module):
         return self._inner.to_native(x0, x_t, t)
 
     # -- export ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def lora_weights(self) -> tuple[dict[str, Tensor], dict]:
+        """(factors, LoRA config) of this adapter in peft's layout without the adapter's name:
+        `<module path>.lora_A.weight` / `.lora_B.weight` (what diffusers' `save_lora_weights` prefixes with `unet.` or
+        `transformer.` and `load_lora_weights` reads back), and {"r", "lora_alpha", "target_modules"} with the exact
+        module paths, so the loader rebuilds the same layers at the same scale alpha / r."""
+        if self.adapter is None:
+            raise ValueError("the base network (adapter None) has no LoRA weights")
+        state, ranks, alphas, paths = {}, set(), set(), []
+        for path, layer in _tuner_layers(self.model):
+            if self.adapter not in layer.lora_A:
+                continue
+            paths.append(path)
+            ranks.add(layer.r[self.adapter])
+            alphas.add(layer.lora_alpha[self.adapter])
+            state[f"{path}.lora_A.weight"] = layer.lora_A[self.adapter].weight.detach().cpu().clone()
+            state[f"{path}.lora_B.weight"] = layer.lora_B[self.adapter].weight.detach().cpu().clone()
+        if len(ranks) != 1 or len(alphas) != 1:
+            raise ValueError(f"adapter {self.adapter!r} has ranks {sorted(ranks)} and alphas {sorted(alphas)}; one "
+                             "of each is expected (add_lora_adapters)")
+        return state, {"r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": paths}
+
     @torch.no_grad()
     def merged(self) -> Denoiser:
         """A plain Denoiser over a fresh copy of the network with this adapter merged in (W + scale B A) and

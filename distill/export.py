@@ -49,10 +49,13 @@ class StudentSchedule:
         """The input of step 0 (CMStochasticIterativeScheduler: init_noise_sigma = sigma_max)."""
         return noise * float(self.times[0])
 
+    def renoise_time(self, i: int) -> float:
+        """The native time (EDM sigma) whose noise `renoise(x0, i, .)` adds: sqrt(sigma_i^2 - sigma_min^2)."""
+        return (float(self.times[i]) ** 2 - self.sigma_min**2) ** 0.5
+
     def renoise(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
         """The input of step i >= 1 from the previous step's x0 (CMStochasticIterativeScheduler.step)."""
-        sigma = float(self.times[i])
-        return x0 + noise * (sigma**2 - self.sigma_min**2) ** 0.5
+        return x0 + noise * self.renoise_time(i)
 
 
 def _cm_scheduler(process: EDMProcess):
@@ -104,6 +107,21 @@ def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | N
     raise NotImplementedError(
         f"no export target yet for a {type(student.model).__name__} student with {type(student.process).__name__} "
         f"and prediction {student.prediction!r}")
+
+
+def check_custom_timesteps(cfg: Any, timesteps: list[int] | None, key: str = "recipe.timesteps") -> None:
+    """Refuse, when the config is loaded, custom pipeline timesteps for a teacher whose export target is not
+    ConsistencyModelPipeline (the latent families' schedules are their pipelines' own `num_inference_steps`)."""
+    if timesteps is None:
+        return
+    from distill.config import ConfigError, resolve_path
+    from distill.targets import teacher_target
+
+    target, _, _ = teacher_target(resolve_path(cfg.teacher.path), cfg.teacher.prediction)
+    if target is not None:
+        raise ConfigError(f"{key}: custom timesteps {timesteps} are a ConsistencyModelPipeline option; a "
+                          f"{target.pipeline} student samples the trailing timesteps of num_inference_steps "
+                          "(set it to null)")
 
 
 def rollout(
@@ -178,10 +196,11 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     from diffusers import ConsistencyModelPipeline, UNet2DModel
 
     out_dir = Path(out_dir)
+    adapter = None
     if callable(getattr(student, "merged", None)):  # an adapter on a shared base (distill.adapters): merge it
-        student = student.merged()
+        adapter, student = student, student.merged()
     if _latent_target(student) is not None:
-        return _export_latent(student, out_dir, num_steps, config)
+        return _export_latent(student, out_dir, num_steps, config, adapter)
     if not (isinstance(student.process, EDMProcess) and student.prediction == "cm" and isinstance(student.model, UNet2DModel)):
         raise NotImplementedError(
             f"no stock pipeline target for a {type(student.model).__name__} student with "
@@ -224,8 +243,46 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     return out_dir
 
 
-def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any) -> Path:
-    """A latent family's student, written into its teacher's own pipeline (VAE, text encoders, tokenizers)."""
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+
+
+def add_lora(adapter, target, folder: Path, name: str, config: Any) -> None:
+    """Beside a latent export in `folder` (its distill.json and model card written), the student's adapter (an
+    `AdapterDenoiser`) alone as pytorch_lora_weights.safetensors in diffusers' LoRA format for `target`'s pipeline,
+    written by the pipeline's own `save_lora_weights` (peft keys prefixed with `unet.` or `transformer.`, the LoRA
+    config as metadata), so `pipe.load_lora_weights(folder)` on the teacher's pipeline rebuilds the student; the
+    model card gets the calls (`name`: the folder's final name). Nothing for a pipeline without a LoRA loader (DiT,
+    PixArt)."""
+    import diffusers
+
+    cls = getattr(diffusers, target.pipeline)
+    if adapter.adapter is None or target.subfolder not in (getattr(cls, "_lora_loadable_modules", None) or []):
+        return
+    state, lora = adapter.lora_weights()
+    cls.save_lora_weights(folder, **{f"{target.subfolder}_lora_layers": state,
+                                     f"{target.subfolder}_lora_adapter_metadata": lora},
+                          weight_name=LORA_WEIGHTS, safe_serialization=True)
+    teacher = getattr(getattr(config, "teacher", None), "path", None) or adapter.source["folder"]
+    meta = json.loads((folder / "distill.json").read_text())
+    meta["lora"] = {"weights": LORA_WEIGHTS, "rank": lora["r"], "alpha": lora["lora_alpha"], "base": teacher}
+    (folder / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    output = meta.get("output", "images")
+    with open(folder / "README.md", "a") as card:
+        card.write(
+            f"\n## The student as a LoRA on its teacher\n\n`{LORA_WEIGHTS}` holds the student alone: a rank-"
+            f"{lora['r']} LoRA on `{teacher}` in diffusers' format (the folder above is the same student merged). "
+            "Load it onto the teacher's pipeline and use this folder's scheduler:\n\n"
+            "```python\nimport diffusers\nfrom diffusers import DiffusionPipeline\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\")\n"
+            f"pipe.load_lora_weights(\"{name}\")\n"
+            f"pipe.scheduler = diffusers.{scheduler}.from_pretrained(\"{name}\", subfolder=\"scheduler\")\n"
+            f"{output} = {meta['call']}.{output}\n```\n")
+
+
+def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any, adapter=None) -> Path:
+    """A latent family's student, written into its teacher's own pipeline (VAE, text encoders, tokenizers); a
+    student trained as an adapter on the teacher (`adapter`) also as a LoRA file (:func:`add_lora`)."""
     target = _latent_target(student)
     src = student.source
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
@@ -242,6 +299,7 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
     meta = {"pipeline": target.pipeline, "num_inference_steps": num_steps, "trained_timesteps": times,
             "resolution": resolution, "call": call, "guidance": "none (CFG was distilled in)",
             "recipe": getattr(config, "recipe_name", None)}
+
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(
         "---\nlibrary_name: diffusers\ntags: [distill]\n---\n\n"
@@ -254,6 +312,8 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
         f"{['%.4g' % t for t in times]}\n"
         "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n"
         f"- trained at {resolution}x{resolution}\n")
+    if adapter is not None:
+        add_lora(adapter, target, tmp, out_dir.name, config)
     _replace_dir(tmp, out_dir)
     return out_dir
 
@@ -300,15 +360,63 @@ def sample_phased(folder, class_labels, generator=None):
 '''
 
 
+#: The sampling of a latent family's expert-per-step export, written into its model card and run by the tests in a
+#: process without `distill`: the stock pipeline of expert 0 and its own `callback_on_step_end`, which hands step
+#: i + 1 to expert i + 1 (and the pipeline back to expert 0 after the last step).
+LATENT_EXPERT_LOOP = '''import json
+
+from diffusers import DiffusionPipeline
+
+
+def load_phased(folder):
+    """(pipeline of expert 0, the callback that switches experts): pass callback_on_step_end=switch to each call."""
+    meta = json.load(open(f"{folder}/distill.json"))
+    pipe = DiffusionPipeline.from_pretrained(f"{folder}/{meta['experts'][0]}")
+    part = meta["network"]  # "unet" or "transformer"
+    first = getattr(pipe, part)
+    experts = [first] + [type(first).from_pretrained(f"{folder}/{name}", subfolder=part)
+                         for name in meta["experts"][1:]]
+
+    def switch(pipe, i, t, callback_kwargs):
+        setattr(pipe, part, experts[(i + 1) % len(experts)])
+        return callback_kwargs
+
+    return pipe, switch
+'''
+
+
+def check_expert_export(folder: Path, prediction: str | None, key: str = "recipe.name") -> None:
+    """Refuse, when the config is loaded, an expert-per-step student (Phased DMD) of a latent family whose stock
+    pipeline has no `callback_on_step_end`, through which :data:`LATENT_EXPERT_LOOP` switches experts."""
+    import inspect
+
+    import diffusers
+
+    from distill.config import ConfigError
+    from distill.targets import teacher_target
+
+    target, _, _ = teacher_target(folder, prediction)
+    if target is None:
+        return
+    call = getattr(diffusers, target.pipeline).__call__
+    if "callback_on_step_end" not in inspect.signature(call).parameters:
+        raise ConfigError(f"{key}: an expert-per-step student is exported as {target.pipeline} with its network "
+                          "switched between steps by the pipeline's callback_on_step_end, which "
+                          f"{target.pipeline} does not have; no stock pipeline can sample this student")
+
+
 def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int, config: Any = None) -> Path:
     """Write a student whose step i runs `experts[i]`: each expert as a stock pipeline folder `phase_<i>/`
     (loads with `DiffusionPipeline.from_pretrained`, no custom code), `distill.json` and a model card with
     :data:`EXPERT_LOOP`. No stock diffusers pipeline switches UNets between steps, and a custom pipeline class
-    would need remote code, so the loop is shipped as documentation instead."""
+    would need remote code, so the loop is shipped as documentation instead. A latent family's experts go
+    through :func:`_export_latent_experts`."""
     if len(experts) != num_steps:
         raise ValueError(f"an expert-per-step student needs one expert per step: {len(experts)} experts, "
                          f"{num_steps} steps")
     out_dir = Path(out_dir)
+    if _latent_target(experts[0]) is not None:
+        return _export_latent_experts(experts, out_dir, num_steps, config)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -339,5 +447,48 @@ def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int,
         f"- steps: {num_steps}, one per expert (sigmas {['%.4g' % s for s in sigmas]}, what "
         f"`set_timesteps({num_steps})` gives)\n"
         "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n")
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _export_latent_experts(experts: list[Denoiser], out_dir: Path, num_steps: int, config: Any) -> Path:
+    """Expert 0 as the family's stock pipeline (`phase_0/`, the student export of :func:`export_pipeline`), each
+    later expert as its network folder alone (`phase_<i>/<unet or transformer>/`: the VAE and text encoders are
+    shared), and a model card whose :data:`LATENT_EXPERT_LOOP` switches them through `callback_on_step_end`."""
+    target = _latent_target(experts[0])
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    names = [f"phase_{i}" for i in range(num_steps)]
+    export_pipeline(experts[0], tmp / names[0], num_steps=num_steps, config=config)
+    first = json.loads((tmp / names[0] / "distill.json").read_text())
+    call, output = first["call"], first.get("output", "images")
+    for name, expert in zip(names[1:], experts[1:]):
+        expert.model.to("cpu").save_pretrained(tmp / name / target.subfolder, safe_serialization=True)
+    times = student_schedule(experts[0], num_steps).times.tolist()
+    recipe = getattr(config, "recipe_name", None)
+    src = experts[0].source
+    meta = {"experts": names, "network": target.subfolder, "pipeline": target.pipeline,
+            "num_inference_steps": num_steps, "trained_timesteps": times, "resolution": src["resolution"] or 0,
+            "call": call, "recipe": recipe, "guidance": "none (CFG was distilled in)"}
+    (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / names[0] / "README.md").write_text(
+        f"# expert 0 of {num_steps} (step 0 of the sampler)\n\nA stock `{target.pipeline}` holding the first expert "
+        "of a phased student; alone it is not the student. See ../README.md.\n")
+    switched = call[:-1] + ", callback_on_step_end=switch)"
+    (tmp / "README.md").write_text(
+        "---\nlibrary_name: diffusers\ntags: [distill, phased-dmd, mixture-of-experts]\n---\n\n"
+        f"# {num_steps}-step phased student ({num_steps} experts)\n\n"
+        f"Distilled with `distill` ({recipe}). Step i of the sampler runs expert i: `phase_0/` is a complete stock "
+        f"`{target.pipeline}` holding expert 0, `phase_<i>/{target.subfolder}/` holds expert i. A stock pipeline "
+        "holds one network; the pipeline's own `callback_on_step_end` hands it the next expert after each step "
+        "(diffusers only, no custom code).\n\n"
+        f"```python\n{LATENT_EXPERT_LOOP}\n"
+        f"pipe, switch = load_phased(\"{out_dir.name}\")\n"
+        f"{output} = {switched}.{output}\n```\n\n"
+        f"- steps: {num_steps}, one per expert; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
+        f"{['%.4g' % t for t in times]}\n"
+        "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n")
     _replace_dir(tmp, out_dir)
     return out_dir

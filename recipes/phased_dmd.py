@@ -1,12 +1,16 @@
 """Phased DMD: few-step distribution matching with one expert per SNR phase (Fan et al. 2025, arXiv 2510.27684).
 
 A K-step student is a mixture of K experts over time (full copies of the teacher): expert k takes the sample at
-the noise level sigma_k where phase k starts and hands the next phase a sample at sigma_{k+1} (the last expert
-hands over clean data). The phase boundaries are the k-step student's own sampler (`student_schedule`, i.e. the
-exported scheduler's sigmas), so the experts meet exactly where the stock scheduler switches steps:
+the noise level t_k where phase k starts and hands the next phase a sample at level s (the last expert hands over
+clean data). The phase boundaries are the k-step student's own sampler (`student_schedule`, i.e. the exported
+scheduler's timesteps), so the experts meet exactly where the stock scheduler switches steps:
 
-    phase k:  input x_{sigma_k}  --expert k-->  x0_hat  --scheduler step-->  x_s = x0_hat + sigma_s eps,
-              sigma_s^2 = sigma_{k+1}^2 - sigma_min^2  (CMStochasticIterativeScheduler.step; sigma_s = 0 at the end)
+    phase k:  input x_{t_k}  --expert k-->  x0_hat  --scheduler step-->  x_s = alpha_s x0_hat + sigma_s eps
+
+with s the level the scheduler's step re-noises to (`schedule.renoise_time(k + 1)`): for
+CMStochasticIterativeScheduler (EDM, alpha = 1) sigma_s^2 = sigma_{k+1}^2 - sigma_min^2; for the latent families'
+schedulers (LCMScheduler, stochastic FlowMatchEulerDiscreteScheduler; distill.targets) s = t_{k+1} itself; after
+the last step the sample is clean (alpha_s = 1, sigma_s = 0).
 
 Two ideas of the paper, as implemented here:
 
@@ -28,9 +32,10 @@ Two ideas of the paper, as implemented here:
   `recipe.subinterval_margin` above s in unit time. tests/test_phased_dmd.py checks the target against the exact
   posterior mean on a Gaussian toy.
 
-The export writes one stock diffusers folder per expert and the loop that runs expert k at step k (export.py,
-`export_experts`): one stock pipeline (ConsistencyModelPipeline) holds one UNet, so no stock pipeline can switch
-experts between steps, and a custom pipeline class would need remote code.
+The export writes the experts as stock diffusers parts and the loop that runs expert k at step k (export.py,
+`export_experts`): a stock pipeline holds one network, so no stock pipeline can switch experts between steps, and
+a custom pipeline class would need remote code. A latent family's experts are its pipeline (expert 0) plus one
+network folder per later expert, switched by the pipeline's own `callback_on_step_end`.
 
 Limits: experts are full copies (no per-phase adapters yet); in a phase only its expert receives gradients, so a
 multi-process (DDP) run would need `find_unused_parameters` (untested here); the experts switch exactly at the
@@ -46,9 +51,10 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.config import Config as RunConfig
-from distill.config import Section, require
+from distill.config import Section, require, resolve_path
 from distill.denoiser import Denoiser
-from distill.export import StudentSchedule, export_experts, rollout, student_from_teacher, student_schedule
+from distill.export import (StudentSchedule, check_expert_export, export_experts, rollout, student_from_teacher,
+                           student_schedule)
 from distill.families import Condition
 from distill.parametrization import Process, _bcast, add_noise, log_snr
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
@@ -75,6 +81,9 @@ class Config(Section):
     def _relations(self) -> "Config":
         require(self.min_t < self.max_t, "min_t", f"must be < recipe.max_t ({self.max_t}), got {self.min_t}")
         return self
+
+    def check_run(self, cfg: RunConfig) -> None:
+        check_expert_export(resolve_path(cfg.teacher.path), cfg.teacher.prediction)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,13 +120,21 @@ def unit_time(process: Process, native: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def phase_boundaries(schedule: StudentSchedule) -> list[tuple[float, float]]:
-    """(input level sigma_k, output level sigma_s) of each phase, noisiest first: sigma_k is the sampler's k-th
-    sigma; the output is sigma_s = sqrt(sigma_{k+1}^2 - sigma_min^2), the noise the scheduler's step adds after
-    x0 (CMStochasticIterativeScheduler.step), and 0 after the last step."""
+def phase_boundaries(schedule: StudentSchedule) -> list[tuple[float, float | None]]:
+    """(input level t_k, output level s) of each phase as native times, noisiest first: t_k is the sampler's k-th
+    time; s is the level the scheduler's step re-noises x0 to (`schedule.renoise_time(k + 1)`; EDM:
+    sqrt(sigma_{k+1}^2 - sigma_min^2), CMStochasticIterativeScheduler.step), None (clean) after the last step."""
     times = [float(t) for t in schedule.times]
-    outs = [(nxt**2 - schedule.sigma_min**2) ** 0.5 for nxt in times[1:]] + [0.0]
+    outs = [schedule.renoise_time(k) for k in range(1, len(times))] + [None]
     return list(zip(times, outs))
+
+
+def output_level(process: Process, s: float | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(alpha_s, sigma_s) of a phase's output level s (None: clean data, alpha 1 and sigma 0)."""
+    if s is None:
+        return torch.ones((), device=device), torch.zeros((), device=device)
+    alpha, sigma = process.alpha_sigma(torch.tensor([s], device=device))
+    return alpha[0], sigma[0]
 
 
 def phase_at(step: int, max_steps: int, num_phases: int) -> int:
@@ -171,9 +188,9 @@ class PhasedDMD:
         process = teacher.process
         u_max = cfg.max_t
         self.unit_ranges = []  # (lowest, highest) unit time of t in each phase
-        for k, (sigma_in, sigma_out) in enumerate(self.phases):
-            low = cfg.min_t if sigma_out == 0.0 else unit_time(process, sigma_out) + cfg.subinterval_margin
-            high = u_max if cfg.noise_range == "above" or k == 0 else min(u_max, unit_time(process, sigma_in))
+        for k, (t_in, t_out) in enumerate(self.phases):
+            low = cfg.min_t if t_out is None else unit_time(process, t_out) + cfg.subinterval_margin
+            high = u_max if cfg.noise_range == "above" or k == 0 else min(u_max, unit_time(process, t_in))
             if low >= high:
                 raise ValueError(f"phase {k}: no noise level left between unit times {low:.4g} and {high:.4g}; "
                                  "lower recipe.subinterval_margin or recipe.min_t, or raise recipe.max_t")
@@ -184,8 +201,8 @@ class PhasedDMD:
         return self.teacher.process.from_unit(torch.rand(n, device=device) * (high - low) + low)
 
     def _phase_output(self, phase: int, cond: Condition, n: int, device: torch.device, grad: bool):
-        """(x0_hat of expert `phase`, x_s after its scheduler step, alpha_s, sigma_s). The input is made by the
-        frozen earlier experts' own rollout (progressive training, without gradient)."""
+        """(x0_hat of expert `phase`, x_s = alpha_s x0_hat + sigma_s eps after its scheduler step, alpha_s, sigma_s).
+        The input is made by the frozen earlier experts' own rollout (progressive training, without gradient)."""
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         with torch.no_grad():
@@ -202,10 +219,9 @@ class PhasedDMD:
                 x0_hat = unwrap(self.generator)(x, t_in, cond)
         if sched.clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
-        sigma_s = self.phases[phase][1]
-        x_s = x0_hat + sigma_s * torch.randn_like(x0_hat)  # the scheduler's step (EDM: alpha = 1)
-        one = torch.ones((), device=device)
-        return x0_hat, x_s, one, one * sigma_s
+        alpha_s, sigma_s = output_level(self.teacher.process, self.phases[phase][1], device)
+        x_s = alpha_s.to(x0_hat.dtype) * x0_hat + sigma_s.to(x0_hat.dtype) * torch.randn_like(x0_hat)  # its step
+        return x0_hat, x_s, alpha_s, sigma_s
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
@@ -218,7 +234,7 @@ class PhasedDMD:
             x0_real = self.teacher(x_t, t, cond, guidance_scale=self.guidance_scale)
             x0_fake = unwrap(self.critic)(x_t, t, cond)
             grad = dmd_gradient(x0_hat.detach(), x0_real, x0_fake)
-        # d x_t / d x0_hat = (alpha_t / alpha_s) I: the DMD gradient reaches the expert through x0_hat (DMD2 sec. 3).
+        # d x_t / d x0_hat = alpha_t I: the DMD gradient reaches the expert through x0_hat (DMD2 sec. 3).
         loss_dmd = dmd_loss(x0_hat, grad).mean()
         loss = self.cfg.dmd_weight * loss_dmd
         return loss, {"dmd_loss": loss_dmd.item(), "dmd_grad_abs": grad.abs().mean().item(), "phase": float(phase),
