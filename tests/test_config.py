@@ -28,23 +28,29 @@ def test_recipes_folder_ships_configs():
     assert DIGITS_YAML in SHIPPED
 
 
-#: shipped configs whose teacher is a real model (a Hugging Face id, resolved only from the local cache): validated
-#: with teacher.path and data.prompts pointing at the tiny pipeline of the same family (tests/tiny_pipelines.py).
-REAL_MODEL_FAMILY = {"dmd2_sd15.yaml": "sd15", "dmd2_sdxl.yaml": "sdxl", "dmd2_sd3.yaml": "sd3"}
+#: shipped configs whose teacher is a real model (a Hugging Face id, resolved only from the local cache) are named
+#: `<recipe>_<family>.yaml`: validated with teacher.path pointing at the tiny pipeline of that family
+#: (tests/tiny_pipelines.py) and data.prompts or data.images at a tiny prompts file or captioned images folder.
 
 
 @pytest.fixture
 def stand_ins(tmp_path):
-    """Overrides that let a real-model config load offline: the family's tiny pipeline and a prompts file."""
+    """Overrides that let a real-model config load offline: the family's tiny pipeline and its data."""
+    from test_families_recipes import write_images
     from tiny_pipelines import BUILDERS, write_prompts
 
     def make(path: Path) -> list[str]:
         raw = yaml.safe_load(path.read_text())
         if resolve_path(raw["teacher"]["path"]).is_dir():
             return []
-        assert path.name in REAL_MODEL_FAMILY, f"{path.name}: a real-model config needs its tiny family here"
-        teacher = BUILDERS[REAL_MODEL_FAMILY[path.name]](tmp_path / path.stem)
-        return [f"teacher.path={teacher}", f"data.prompts={write_prompts(tmp_path / 'prompts.txt')}"]
+        family = path.stem.rsplit("_", 1)[-1]
+        assert family in BUILDERS, f"{path.name}: a real-model config is named <recipe>_<family>.yaml, family one " \
+                                   f"of {sorted(BUILDERS)}"
+        teacher = BUILDERS[family](tmp_path / path.stem)
+        data = {"prompts": lambda: write_prompts(tmp_path / "prompts.txt"),
+                "images": lambda: write_images(tmp_path / "images")}
+        name = raw["data"]["name"]
+        return [f"teacher.path={teacher}", f"data.{name}={data[name]()}"]
     return make
 
 
