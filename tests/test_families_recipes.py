@@ -419,3 +419,34 @@ def test_phased_students_need_a_pipeline_with_a_step_callback(tmp_path):
     DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
     with pytest.raises(ConfigError, match=r"^recipe\.name: .*DiTPipeline.*callback_on_step_end"):
         check_expert_export(tmp_path / "dit", None)
+
+
+@pytest.fixture(scope="module")
+def unexportable(tmp_path_factory, world):
+    """Teachers no stock pipeline can sample a student of: (folder, teacher.prediction, words of the reason)."""
+    import shutil
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from tiny import tiny_unet
+
+    root = tmp_path_factory.mktemp("unexportable")
+    tiny_unet().save_pretrained(root / "vp_unet2d" / "unet", safe_serialization=True)
+    DDPMScheduler().save_pretrained(root / "vp_unet2d" / "scheduler")
+    shutil.copytree(world["sd3"], root / "sd3_vp")
+    DDIMScheduler().save_pretrained(root / "sd3_vp" / "scheduler")  # a flow transformer under a VP scheduler
+    return {"class-conditional VP UNet2DModel": (root / "vp_unet2d", None, "ConsistencyModelPipeline"),
+            "SD3 under a VP scheduler": (root / "sd3_vp", None, "flow-matching scheduler"),
+            "SD1.5 read as a flow model": (world["sd15"], "flow", "LCMScheduler")}
+
+
+@pytest.mark.parametrize("teacher", ["class-conditional VP UNet2DModel", "SD3 under a VP scheduler",
+                                     "SD1.5 read as a flow model"])
+def test_a_teacher_that_cannot_be_exported_is_refused_by_every_recipe(world, unexportable, tmp_path, teacher):
+    folder, prediction, reason = unexportable[teacher]
+    for name, (recipe, overrides) in RECIPES.items():
+        extra = [f"teacher.prediction={prediction}"] if prediction else []
+        with pytest.raises(ConfigError) as e:
+            run_config(world, recipe, folder, tmp_path / "run", "images", *overrides, *extra)
+        msg = str(e.value)
+        assert msg.startswith("teacher.path: ") and reason in msg, f"{name}: {msg}"
+    assert not (tmp_path / "run").exists()
