@@ -63,8 +63,9 @@ def _dataset_names() -> set[str]:
 
 
 def test_every_training_dataset_reads_only_the_train_half(poisoned_half_a):
-    # prompts: cached text embeddings; toy: 2-D points of a known mixture (distill/toy.py); no digits in either
-    for name in sorted(_dataset_names() - {"prompts", "toy"}):
+    # prompts: cached text embeddings; images: the user's captioned images as VAE latents (distill/latents.py); toy:
+    # 2-D points of a known mixture (distill/toy.py); no digits in any of them
+    for name in sorted(_dataset_names() - {"prompts", "images", "toy"}):
         ds = data.make_dataset(name, 16)
         assert torch.isfinite(ds.images).all(), f"data.name={name} reaches half A"
         g = torch.Generator().manual_seed(0)
