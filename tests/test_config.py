@@ -30,21 +30,28 @@ def test_recipes_folder_ships_configs():
 
 #: shipped configs whose teacher is a real model (a Hugging Face id, resolved only from the local cache): validated
 #: with teacher.path and data.prompts pointing at the tiny pipeline of the same family (tests/tiny_pipelines.py).
-REAL_MODEL_FAMILY = {"dmd2_sd15.yaml": "sd15", "dmd2_sdxl.yaml": "sdxl", "dmd2_sd3.yaml": "sd3"}
+REAL_MODEL_FAMILY = {"dmd2_sd15.yaml": "sd15", "dmd2_sdxl.yaml": "sdxl", "dmd2_sd3.yaml": "sd3",
+                     "dmd2_flux.yaml": "flux", "dmd2_wan.yaml": "wan", "dmd2_pixart.yaml": "pixart",
+                     "dmd2_dit.yaml": "dit"}
+#: what the tiny stand-in cannot take from the real config: DiTPipeline samples only at its transformer's size
+#: (the tiny DiT's 16 px, DiT-XL-2-256's 256 px), and DiT's prompts are class indices.
+STAND_IN_EXTRA = {"dmd2_dit.yaml": ["data.resolution=16"]}
 
 
 @pytest.fixture
 def stand_ins(tmp_path):
     """Overrides that let a real-model config load offline: the family's tiny pipeline and a prompts file."""
-    from tiny_pipelines import BUILDERS, write_prompts
+    from tiny_pipelines import BUILDERS, CLASS_PROMPTS, PROMPTS, write_prompts
 
     def make(path: Path) -> list[str]:
         raw = yaml.safe_load(path.read_text())
         if resolve_path(raw["teacher"]["path"]).is_dir():
             return []
         assert path.name in REAL_MODEL_FAMILY, f"{path.name}: a real-model config needs its tiny family here"
-        teacher = BUILDERS[REAL_MODEL_FAMILY[path.name]](tmp_path / path.stem)
-        return [f"teacher.path={teacher}", f"data.prompts={write_prompts(tmp_path / 'prompts.txt')}"]
+        family = REAL_MODEL_FAMILY[path.name]
+        teacher = BUILDERS[family](tmp_path / path.stem)
+        prompts = write_prompts(tmp_path / "prompts.txt", CLASS_PROMPTS if family == "dit" else PROMPTS)
+        return [f"teacher.path={teacher}", f"data.prompts={prompts}", *STAND_IN_EXTRA.get(path.name, [])]
     return make
 
 
