@@ -479,7 +479,10 @@ def build_config(data: dict) -> Config:
     check_teacher_folder(resolve_path(cfg.teacher.path), "teacher.path")
     from distill.targets import check_exportable
 
-    check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction)  # before training, with the reason
+    # before training, with the reason: no stock pipeline, a size it would not sample, classes it does not have
+    check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction, resolution=cfg.data.resolution,
+                     num_frames=cfg.data.num_frames,
+                     prompts=Path(cfg.data.prompts).expanduser() if cfg.data.prompts else None)
     if cfg.data.prompts is not None and not Path(cfg.data.prompts).expanduser().is_file():
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} is not a file (one prompt per line)")
     if cfg.data.images is not None:

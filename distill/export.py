@@ -57,6 +57,10 @@ class StudentSchedule:
         """The input of step i >= 1 from the previous step's x0 (CMStochasticIterativeScheduler.step)."""
         return x0 + noise * self.renoise_time(i)
 
+    def noise_like(self, x0: Tensor) -> Tensor:
+        """Fresh noise for :meth:`renoise`, as the scheduler's `step` draws it."""
+        return torch.randn_like(x0)
+
 
 def _cm_scheduler(process: EDMProcess):
     from diffusers import CMStochasticIterativeScheduler
@@ -68,12 +72,13 @@ def _cm_scheduler(process: EDMProcess):
 
 def _latent_target(student: Denoiser):
     """The distill.targets target of a student loaded from a pipeline folder, or None (the pixel UNet2DModel)."""
-    from distill.targets import target_for
+    from distill.targets import pipeline_class, target_for
 
     src = student.source
     if src is None or src["network_config"].get("_class_name") in ("UNet2DModel", "ToyMLP"):
         return None
-    return target_for(src["network_config"], src["scheduler_config"], student.prediction)
+    return target_for(src["network_config"], src["scheduler_config"], student.prediction,
+                      pipeline_class(Path(src["folder"])))
 
 
 def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | None = None):
@@ -93,7 +98,7 @@ def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | N
         src = student.source
         seq = target.image_seq_len(Path(src["folder"]), src["network_config"], src["resolution"] or 0)
         times = student_times(target, src["scheduler_config"], num_steps, seq)
-        return NoisingSchedule(times=times, process=student.process)
+        return NoisingSchedule(times=times, process=student.process, packed=target.packed)
     if isinstance(student.process, EDMProcess) and student.prediction == "cm":
         sched = _cm_scheduler(student.process)
         if timesteps is None:
@@ -138,7 +143,7 @@ def rollout(
     x0 = x
     for i in range(steps):
         if i > 0:
-            x = schedule.renoise(x0, i, torch.randn_like(x0))
+            x = schedule.renoise(x0, i, schedule.noise_like(x0))
         x0 = student(x, schedule.t(i, n, x.device), cond)
         if schedule.clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -152,7 +157,7 @@ def step_input(student: torch.nn.Module, schedule: StudentSchedule, cond: Condit
     if i == 0:
         return schedule.start(noise)
     x0_prev = rollout(student, schedule, cond, noise, steps=i)
-    return schedule.renoise(x0_prev, i, torch.randn_like(x0_prev))
+    return schedule.renoise(x0_prev, i, schedule.noise_like(x0_prev))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,14 +297,20 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
     target.write(student.model.to("cpu").eval(), Path(src["folder"]), tmp, num_steps, src["scheduler_config"])
     times = student_schedule(student, num_steps).times.tolist()
     resolution = src["resolution"] or 0
-    from distill.targets import FLUX_EMBEDDED_GUIDANCE
-
-    embedded = FLUX_EMBEDDED_GUIDANCE if src["network_config"].get("guidance_embeds") else None
-    call = target.call(num_steps, resolution, embedded)
+    num_frames = getattr(getattr(config, "data", None), "num_frames", 1) if target.video else 1
+    guidance = target.guidance_scale(src["network_config"])
+    call = target.call(num_steps, resolution, guidance, num_frames)
     meta = {"pipeline": target.pipeline, "num_inference_steps": num_steps, "trained_timesteps": times,
-            "resolution": resolution, "call": call, "guidance": "none (CFG was distilled in)",
+            "resolution": resolution, "num_frames": num_frames, "call": call, "output": target.output,
+            "guidance_scale": guidance, "guidance": "none (CFG was distilled in)",
             "recipe": getattr(config, "recipe_name", None)}
-
+    if target.packed and src["network_config"].get("guidance_embeds"):
+        guidance_line = (f"- guidance: `guidance_scale={guidance}` is the embedded guidance the student was trained "
+                         "with (Flux dev's default); the teacher's classifier-free guidance was distilled in\n")
+    else:
+        guidance_line = ("- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was "
+                         "distilled in\n")
+    size = f"{resolution}x{resolution}" + (f", {num_frames} frames" if target.video else "")
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(
         "---\nlibrary_name: diffusers\ntags: [distill]\n---\n\n"
@@ -307,11 +318,12 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
         f"Distilled with `distill` ({meta['recipe']}). A stock `{target.pipeline}` with `{type(target.scheduler(src['scheduler_config'], num_steps)).__name__}`; no custom code.\n\n"
         "```python\nfrom diffusers import DiffusionPipeline\n\n"
         f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
-        f"images = {call}.images\n```\n\n"
+        f"{target.output} = {call}.{target.output}\n```\n\n"
         f"- steps: {num_steps}; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
         f"{['%.4g' % t for t in times]}\n"
-        "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n"
-        f"- trained at {resolution}x{resolution}\n")
+        + guidance_line +
+        (f"- trained at {size}" + (" (DiTPipeline samples at its transformer's sample_size; class_labels are "
+                                   "class indices)\n" if target.class_conditional else "\n")))
     if adapter is not None:
         add_lora(adapter, target, tmp, out_dir.name, config)
     _replace_dir(tmp, out_dir)

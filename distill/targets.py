@@ -4,22 +4,34 @@ schedule its k-step sampler visits, how the pipeline encodes prompts, and what c
 The rule (docs/design.md): a student trains with exactly its pipeline's sampler. Every target here samples
 "predict x0, re-noise to the next trained time with fresh noise" (DMD2 sec. 4.4, backward simulation):
 
-* VP families (SD1.5, SDXL, PixArt, DiT) -> `LCMScheduler` with `original_inference_steps = k` (its timesteps
-  are then k trailing steps: 999, 749, 499, 249 for k = 4; 999 for k = 1) and `timestep_scaling = 1e10`, which
-  turns its consistency boundary off (c_skip -> 0, c_out -> 1 exactly in float32), so `step` is x0 from the
+* VP families (SD1.5, SDXL, PixArt-alpha/sigma, DiT) -> `LCMScheduler` with `original_inference_steps = k` (its
+  timesteps are then k trailing steps: 999, 749, 499, 249 for k = 4; 999 for k = 1) and `timestep_scaling = 1e10`,
+  which turns its consistency boundary off (c_skip -> 0, c_out -> 1 exactly in float32), so `step` is x0 from the
   network's epsilon / v prediction, then alpha(t_next) x0 + sigma(t_next) noise.
 * Flow families (SD3, Flux, Wan) -> `FlowMatchEulerDiscreteScheduler` with the teacher's shift (static, or
   dynamic with the pipeline's mu for the resolution) and `stochastic_sampling=True`, so `step` is
   x0 = x - s v, then (1 - s_next) x0 + s_next noise; the trained times are `scheduler.sigmas[:k]` after the
   pipeline's own `set_timesteps` call (SD3 and Wan: `set_timesteps(k)`; Flux: `sigmas=linspace(1, 1/k, k)`).
+  `set_timesteps(k)` alone would end at sigma_min (~0.003 with shift 3: the last of k steps nearly a no-op), so a
+  static-shift target with k >= 2 sets the scheduler's `shift_terminal` to shift(1/k), the trailing end Flux's
+  sigmas have; its first step stays at 1.
+  `step` draws the re-noising in the pipeline's latent layout (Flux: packed tokens), and so does the student
+  (`NoisingSchedule.noise_like`), so equal seeds give equal samples.
 
-Guidance is off in the exported call (`guidance_scale` at the pipeline's "no CFG" value); the model card states it.
+Each pipeline's call is reproduced argument for argument where its defaults differ from its `encode_prompt`'s (Wan
+encodes 512 tokens in the call, 226 by default; PixArt cleans captions in the call), and where a pipeline cannot
+sample the student at the trained size it is refused when the config is loaded (DiTPipeline samples only at its
+transformer's `sample_size`).
+
+Guidance is off in the exported call (`guidance_scale` at the pipeline's "no CFG" value; Flux dev: its embedded
+guidance); the model card states it. docs/families.md lists the families, their targets and their exact calls.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +61,7 @@ class NoisingSchedule:
     times: Tensor  # (k,) native times, noisiest first
     process: Any
     clip_x0: bool = False
+    packed: bool = False  # Flux: the pipeline's latents (and its step's noise) are 2x2-patch tokens
 
     @property
     def num_steps(self) -> int:
@@ -67,6 +80,15 @@ class NoisingSchedule:
     def renoise(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
         alpha, sigma = self.process.alpha_sigma(self.times[i : i + 1].to(x0.device))
         return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
+
+    def noise_like(self, x0: Tensor) -> Tensor:
+        """Fresh noise for :meth:`renoise`, drawn as the pipeline's `scheduler.step` draws it: in the packed token
+        layout for Flux (then unpacked), so the same seed gives the same noise."""
+        if not self.packed:
+            return torch.randn_like(x0)
+        from distill.families.flux import pack, unpack
+
+        return unpack(torch.randn_like(pack(x0)), *x0.shape[-2:])
 
 
 def _absent(folder: Path) -> dict[str, None]:
@@ -94,26 +116,40 @@ class Target:
 
     # -- latents ---------------------------------------------------------------------------------------------
     def vae_factors(self, folder: Path) -> tuple[int, int]:
-        """(spatial, temporal) downsampling of the pipeline's VAE, as the pipeline computes them."""
+        """(spatial, temporal) downsampling of the pipeline's VAE, as the pipeline computes them (WanPipeline reads
+        the VAE config's scale factors, whose class defaults are 8 and 4; the image pipelines count its blocks)."""
         vae = _json(folder / "vae" / "config.json")
         if self.video:
-            down = vae.get("temperal_downsample", [False, True, True])
-            return 2 ** len(down), 2 ** sum(bool(d) for d in down)
+            return int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)
         return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1), 1
 
     def latent_shape(self, folder: Path, network_config: dict, resolution: int, num_frames: int = 1) -> tuple[int, ...]:
+        """The latents the pipeline samples at `resolution` (and `num_frames`); ExportRefused, naming the data key,
+        where the pipeline would sample another size than the one trained."""
         spatial, temporal = self.vae_factors(folder)
         multiple = spatial * self.patch(network_config)
+        if self.video:  # WanPipeline.check_inputs: height and width divisible by 16
+            multiple = math.lcm(multiple, 16)
         if resolution % multiple:
             raise ExportRefused(f"data.resolution: {self.pipeline} needs a multiple of {multiple} (VAE factor "
-                                f"{spatial} times the patch size {self.patch(network_config)}), got {resolution}")
+                                f"{spatial} times the patch size {self.patch(network_config)}"
+                                f"{', and of 16' if self.video else ''}), got {resolution}")
         side = resolution // spatial
+        if self.class_conditional and side != network_config.get("sample_size"):
+            native = network_config.get("sample_size", 0) * spatial
+            raise ExportRefused(f"data.resolution: {self.pipeline} samples only at its transformer's sample_size "
+                                f"({network_config.get('sample_size')} latents, {native} px; it has no height or "
+                                f"width argument), got {resolution}; use data.resolution={native}")
         channels = network_config.get("in_channels", 4) // (4 if self.packed else 1)
         if not self.video:
+            if num_frames != 1:
+                raise ExportRefused(f"data.num_frames: {self.pipeline} makes images; num_frames must be 1, got "
+                                    f"{num_frames}")
             return (channels, side, side)
         if (num_frames - 1) % temporal:
-            raise ExportRefused(f"data.num_frames: {self.pipeline} needs 4k + 1 frames (temporal VAE factor "
-                                f"{temporal}), got {num_frames}")
+            raise ExportRefused(f"data.num_frames: {self.pipeline} needs {temporal}k + 1 frames (temporal VAE factor "
+                                f"{temporal}; it would round {num_frames} to "
+                                f"{(num_frames // temporal) * temporal + 1}), got {num_frames}")
         return (channels, (num_frames - 1) // temporal + 1, side, side)
 
     def image_seq_len(self, folder: Path, network_config: dict, resolution: int) -> int:
@@ -144,8 +180,12 @@ class Target:
             config = {"shift": config.get("flow_shift", 1.0), "num_train_timesteps": config.get("num_train_timesteps", 1000)}
         keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                 "base_image_seq_len", "max_image_seq_len", "time_shift_type")
-        return FlowMatchEulerDiscreteScheduler(**{k: config[k] for k in keep if k in config},
-                                               stochastic_sampling=True)
+        config = {k: config[k] for k in keep if k in config}
+        if not self.packed and not config.get("use_dynamic_shifting") and num_steps >= 2:
+            # the last step at shift(1/k) (the module doc): set_timesteps stretches its sigmas to end there
+            shift = float(config.get("shift", 1.0))
+            config["shift_terminal"] = shift / num_steps / (1 + (shift - 1) / num_steps)
+        return FlowMatchEulerDiscreteScheduler(**config, stochastic_sampling=True)
 
     def set_timesteps(self, scheduler, num_steps: int, image_seq_len: int) -> None:
         """Exactly the pipeline's own `set_timesteps` call."""
@@ -169,16 +209,28 @@ class Target:
             return scheduler.timesteps[:num_steps].to(torch.int64)
         return scheduler.sigmas[:num_steps].to(torch.float32)
 
-    def guidance_off(self) -> float:
-        """The pipeline's `guidance_scale` with classifier-free guidance off."""
-        return 1.0 if self.pipeline in ("DiTPipeline", "PixArtSigmaPipeline", "WanPipeline") else 0.0
+    def guidance_scale(self, network_config: dict) -> float:
+        """The pipeline's `guidance_scale` in the exported call: classifier-free guidance off, except that a
+        guidance-embedding Flux (dev) takes the embedded guidance it was distilled with there."""
+        if self.packed and network_config.get("guidance_embeds"):
+            return FLUX_EMBEDDED_GUIDANCE
+        return 0.0 if self.pipeline in ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                                        "StableDiffusion3Pipeline", "FluxPipeline") else 1.0
 
-    def call(self, num_steps: int, resolution: int, guidance: float | None) -> str:
-        if self.class_conditional:
-            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale=1.0)"
-        size = f", height={resolution}, width={resolution}"
-        scale = guidance if guidance is not None else self.guidance_off()
-        return f'pipe("a photo of a cat", num_inference_steps={num_steps}, guidance_scale={scale}{size})'
+    @property
+    def output(self) -> str:
+        """The attribute of the pipeline's output that holds the samples."""
+        return "frames" if self.video else "images"
+
+    def call(self, num_steps: int, resolution: int, guidance: float, num_frames: int = 1) -> str:
+        """The exported pipeline's exact call (the model card's) for one prompt (DiT: two class labels)."""
+        if self.class_conditional:  # DiTPipeline: no prompt, no size (its transformer's sample_size)
+            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale={guidance})"
+        extra = f", num_frames={num_frames}" if self.video else ""
+        if self.pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+            extra += ", use_resolution_binning=False"  # binning would sample at the nearest bin, not the trained size
+        return (f'pipe("a photo of a cat", num_inference_steps={num_steps}, guidance_scale={guidance}, '
+                f"height={resolution}, width={resolution}{extra})")
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def load_text_pipeline(self, folder: Path):
@@ -192,9 +244,9 @@ class Target:
         return cls.from_pretrained(folder, **_absent(folder), **drop, torch_dtype=torch.float32)
 
     def encode(self, pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
-        """Prompt embeddings as the pipeline computes them (CFG off), in the network's condition keys."""
+        """Prompt embeddings as the pipeline's call computes them (CFG off), in the network's condition keys."""
         if self.class_conditional:
-            return {"class_labels": torch.tensor([int(p) for p in prompts], dtype=torch.int64)}
+            return {"class_labels": class_indices(prompts)}
         with torch.no_grad():
             if self.pipeline == "StableDiffusionPipeline":
                 embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
@@ -213,13 +265,26 @@ class Target:
             if self.pipeline == "FluxPipeline":
                 embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device)
                 return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-            if self.pipeline == "WanPipeline":
-                embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+            if self.pipeline == "WanPipeline":  # the call encodes max_sequence_length=512 tokens (226 by default)
+                embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                               max_sequence_length=512)
                 return {"encoder_hidden_states": embeds}
-            if self.pipeline == "PixArtSigmaPipeline":
-                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+            if self.pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):  # the call cleans captions
+                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                        clean_caption=True)
                 return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
         raise ExportRefused(f"no prompt encoder for {self.pipeline}")
+
+    def micro_conditions(self, network_config: dict, resolution: int, n: int) -> Condition:
+        """Conditions the pipeline adds beside the prompt, for `n` samples at `resolution`: Flux dev's embedded
+        guidance; PixArt-alpha 1024's size and aspect ratio (its pipeline passes them when the transformer's
+        sample_size is 128)."""
+        if self.packed and network_config.get("guidance_embeds"):
+            return {"guidance": torch.full((n,), FLUX_EMBEDDED_GUIDANCE)}
+        if self.pipeline == "PixArtAlphaPipeline" and network_config.get("sample_size") == 128:
+            return {"resolution": torch.tensor([[float(resolution)] * 2]).expand(n, 2).clone(),
+                    "aspect_ratio": torch.ones(n, 1)}
+        return {}
 
     # -- writing -------------------------------------------------------------------------------------------------
     def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict) -> None:
@@ -231,6 +296,28 @@ class Target:
         pipe = cls.from_pretrained(teacher_folder, **_absent(teacher_folder), **{self.subfolder: model, "scheduler": scheduler},
                                    torch_dtype=torch.float32)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # Pipeline arguments that are not components and that the pipeline does not save itself (DiTPipeline's
+        # id2label, the class names behind `pipe.get_label_ids`) are carried over from the teacher's index.
+        teacher_index, index = _json(teacher_folder / "model_index.json"), _json(tmp / "model_index.json")
+        kept = {k: v for k, v in teacher_index.items()
+                if not k.startswith("_") and not isinstance(v, list) and k not in index}
+        if kept:
+            (tmp / "model_index.json").write_text(json.dumps({**index, **kept}, indent=2, sort_keys=True) + "\n")
+
+
+def class_indices(lines: list[str], num_classes: int | None = None) -> Tensor:
+    """DiT's "prompts": one class index per line, each in 0..num_classes - 1 (the next row is the null class)."""
+    from distill.config import ConfigError
+
+    bad = [p for p in lines if not p.strip().isdigit()]
+    if bad:
+        raise ConfigError(f"data.prompts: a class-conditional (DiT) teacher takes one class index per line, got "
+                          f"{bad[:3]}")
+    labels = torch.tensor([int(p) for p in lines], dtype=torch.int64)
+    if num_classes is not None and int(labels.max()) >= num_classes:
+        raise ConfigError(f"data.prompts: class {int(labels.max())} does not exist; the teacher has classes "
+                          f"0..{num_classes - 1} (num_embeds_ada_norm)")
+    return labels
 
 
 TARGETS: dict[str, Target] = {
@@ -240,19 +327,34 @@ TARGETS: dict[str, Target] = {
     "FluxTransformer2DModel": Target("FluxTransformer2DModel", "FluxPipeline", "transformer", "flow", packed=True),
     "WanTransformer3DModel": Target("WanTransformer3DModel", "WanPipeline", "transformer", "flow", video=True),
     "PixArtTransformer2DModel": Target("PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer", "vp"),
+    "PixArtTransformer2DModel+alpha": Target("PixArtTransformer2DModel", "PixArtAlphaPipeline", "transformer", "vp"),
     "DiTTransformer2DModel": Target("DiTTransformer2DModel", "DiTPipeline", "transformer", "vp",
                                     class_conditional=True),
 }
+
+#: hub checkpoints saved before diffusers split `Transformer2DModel` (DiT-XL-2, PixArt-alpha) name it in their
+#: config; diffusers loads it as the class of its `norm_type` (the same rule as its own remapping on load).
+LEGACY_TRANSFORMER = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
+def network_class(network_config: dict) -> str | None:
+    """The diffusers class a network config loads as."""
+    name = network_config.get("_class_name")
+    if name == "Transformer2DModel":
+        return LEGACY_TRANSFORMER.get(network_config.get("norm_type"), name)
+    return name
 
 
 def _is_flow(scheduler_config: dict) -> bool:
     return scheduler_config.get("_class_name", "").startswith("FlowMatch") or bool(scheduler_config.get("use_flow_sigmas"))
 
 
-def target_for(network_config: dict, scheduler_config: dict, prediction: str | None = None) -> Target | None:
-    """The latent-family target of a teacher (from its configs alone), None for the pixel UNet2DModel (its target is
-    in distill.export), or ExportRefused with the reason."""
-    name = network_config.get("_class_name")
+def target_for(network_config: dict, scheduler_config: dict, prediction: str | None = None,
+               pipeline: str | None = None) -> Target | None:
+    """The latent-family target of a teacher (from its configs and its folder's pipeline class `pipeline`, the
+    `_class_name` of its model_index.json), None for the pixel UNet2DModel (its target is in distill.export), or
+    ExportRefused with the reason."""
+    name = network_class(network_config)
     sched = scheduler_config.get("_class_name", "")
     if name == "UNet2DModel":
         if sched == "CMStochasticIterativeScheduler" and prediction in (None, "edm", "cm"):
@@ -276,6 +378,8 @@ def target_for(network_config: dict, scheduler_config: dict, prediction: str | N
                             f"got a {sched} scheduler with prediction {prediction!r}")
     if name == "UNet2DConditionModel" and network_config.get("addition_embed_type") == "text_time":
         target = TARGETS["UNet2DConditionModel+text_time"]
+    elif name == "PixArtTransformer2DModel" and pipeline == "PixArtAlphaPipeline":
+        target = TARGETS["PixArtTransformer2DModel+alpha"]  # alpha's encoder: 120 tokens; sigma's: 300
     else:
         target = TARGETS.get(name)
     if target is None:
@@ -292,29 +396,45 @@ def target_for(network_config: dict, scheduler_config: dict, prediction: str | N
     return target
 
 
-def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.path") -> None:
-    """Refuse, before anything is loaded, a teacher whose student cannot leave as a stock pipeline."""
+def pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder was saved as (its model_index.json), None without one."""
+    return _json(folder / "model_index.json").get("_class_name")
+
+
+def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.path", resolution: int | None = None,
+                     num_frames: int = 1, prompts: Path | None = None) -> None:
+    """Refuse, before anything is loaded, a teacher whose student cannot leave as a stock pipeline, and (given the
+    data section's `resolution`, `num_frames` and `prompts` file) a size its pipeline would not sample or class
+    indices a DiT teacher does not have."""
     from distill.config import ConfigError
 
     sub = next((s for s in ("unet", "transformer") if (folder / s / "config.json").is_file()), None)
     if sub is None:
         return  # distill.files names the missing network folder
+    net = _json(folder / sub / "config.json")
     try:
-        target = target_for(_json(folder / sub / "config.json"), _json(folder / "scheduler" / "scheduler_config.json"),
-                            prediction)
+        target = target_for(net, _json(folder / "scheduler" / "scheduler_config.json"), prediction,
+                            pipeline_class(folder))
     except ExportRefused as e:
         raise ConfigError(f"{key}: {str(folder)!r}: {e}") from None
     if target is not None and not (folder / "model_index.json").is_file():
         raise ConfigError(f"{key}: {str(folder)!r} has no model_index.json: a {target.network} teacher is a whole "
                           f"{target.pipeline} folder (its VAE, text encoders and tokenizers are exported with the "
                           "student and encode the prompts)")
+    if target is not None and resolution is not None:
+        try:
+            target.latent_shape(folder, net, resolution, num_frames)
+        except ExportRefused as e:  # the message starts with the data key
+            raise ConfigError(f"{e} (teacher {str(folder)!r})") from None
+    if target is not None and target.class_conditional and prompts is not None and prompts.is_file():
+        class_indices(read_prompts(prompts), net.get("num_embeds_ada_norm"))
 
 
 def teacher_target(folder: Path, prediction: str | None = None) -> tuple[Target | None, dict, dict]:
     """(target, network config, scheduler config) of a teacher folder."""
     sub = next(s for s in ("unet", "transformer") if (folder / s / "config.json").is_file())
     net, sched = _json(folder / sub / "config.json"), _json(folder / "scheduler" / "scheduler_config.json")
-    return target_for(net, sched, prediction), net, sched
+    return target_for(net, sched, prediction, pipeline_class(folder)), net, sched
 
 
 def student_times(target: Target, scheduler_config: dict, num_steps: int, image_seq_len: int) -> Tensor:
@@ -373,6 +493,8 @@ class PromptDataset:
 
     `image_shape` is the latent shape the pipeline samples at `resolution`; `null_condition` the empty prompt."""
 
+    latent = True  # its samples are VAE latents: the trainer's pixel sample grids do not apply
+
     def __init__(self, folder: Path, prompts_file: Path | list[str], resolution: int, cache_dir: Path,
                  num_frames: int = 1, prediction: str | None = None, device: torch.device | str = "cpu"):
         target, net, _ = teacher_target(folder, prediction)
@@ -381,11 +503,12 @@ class PromptDataset:
                              "UNet2DModel")
         self.target = target
         self.prompts = list(prompts_file) if isinstance(prompts_file, list) else read_prompts(prompts_file)
+        if target.class_conditional:
+            class_indices(self.prompts, net.get("num_embeds_ada_norm"))
         self.image_shape = target.latent_shape(folder, net, resolution, num_frames)
         self.cond, self.null_condition = cached_embeddings(folder, target, self.prompts, resolution, cache_dir,
                                                            torch.device(device))
-        if net.get("guidance_embeds"):  # Flux dev: the pipeline passes guidance_scale to the guidance embedding
-            self.cond["guidance"] = torch.full((len(self.prompts),), FLUX_EMBEDDED_GUIDANCE)
+        self.cond.update(target.micro_conditions(net, resolution, len(self.prompts)))
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -413,4 +536,4 @@ def dynamic_mu(folder: Path, network_config: dict, scheduler_config: dict, resol
 
 
 __all__ = ["ExportRefused", "NoisingSchedule", "PromptDataset", "TARGETS", "Target", "check_exportable",
-           "dynamic_mu", "student_times", "target_for", "teacher_target"]
+           "dynamic_mu", "network_class", "pipeline_class", "student_times", "target_for", "teacher_target"]

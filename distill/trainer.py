@@ -173,6 +173,10 @@ class Trainer:
         from distill.recipes import build_recipe
 
         self.recipe, self.dataset = build_recipe(cfg, acc.device)
+        if cfg.trainer.sample_every and getattr(self.dataset, "latent", False):
+            raise ConfigError("trainer.sample_every: sample grids are drawn for pixel-space teachers; this teacher "
+                              f"samples VAE latents {tuple(self.dataset.image_shape)}. Set trainer.sample_every=0 "
+                              "and sample the exported pipeline instead")
         self.generator_opt, self.generator_sched = self._optimizer(self.recipe.generator, cfg.trainer.generator)
         has_critic = self.recipe.critic is not None
         if has_critic:

@@ -31,13 +31,16 @@ def test_recipes_folder_ships_configs():
 #: shipped configs whose teacher is a real model (a Hugging Face id, resolved only from the local cache) are named
 #: `<recipe>_<family>.yaml`: validated with teacher.path pointing at the tiny pipeline of that family
 #: (tests/tiny_pipelines.py) and data.prompts or data.images at a tiny prompts file or captioned images folder.
+#: What the tiny stand-in cannot take from the real config: DiTPipeline samples only at its transformer's size
+#: (the tiny DiT's 16 px, DiT-XL-2-256's 256 px), and DiT's prompts are class indices.
+STAND_IN_EXTRA = {"dit": ["data.resolution=16"]}
 
 
 @pytest.fixture
 def stand_ins(tmp_path):
     """Overrides that let a real-model config load offline: the family's tiny pipeline and its data."""
     from test_families_recipes import write_images
-    from tiny_pipelines import BUILDERS, write_prompts
+    from tiny_pipelines import BUILDERS, CLASS_PROMPTS, PROMPTS, write_prompts
 
     def make(path: Path) -> list[str]:
         raw = yaml.safe_load(path.read_text())
@@ -47,10 +50,11 @@ def stand_ins(tmp_path):
         assert family in BUILDERS, f"{path.name}: a real-model config is named <recipe>_<family>.yaml, family one " \
                                    f"of {sorted(BUILDERS)}"
         teacher = BUILDERS[family](tmp_path / path.stem)
-        data = {"prompts": lambda: write_prompts(tmp_path / "prompts.txt"),
+        prompts = CLASS_PROMPTS if family == "dit" else PROMPTS
+        data = {"prompts": lambda: write_prompts(tmp_path / "prompts.txt", prompts),
                 "images": lambda: write_images(tmp_path / "images")}
         name = raw["data"]["name"]
-        return [f"teacher.path={teacher}", f"data.{name}={data[name]()}"]
+        return [f"teacher.path={teacher}", f"data.{name}={data[name]()}", *STAND_IN_EXTRA.get(family, [])]
     return make
 
 

@@ -161,7 +161,7 @@ def exported(world, one_thread):
                 want = rollout(student, trainer.recipe.schedule, cond, noise.clone())
             out[key] = {"trainer": trainer, "folder": folder, "want": want}
             runs[key] = {"folder": str(folder), "teacher": str(world[family]), "phased": recipe == "phased_dmd",
-                         "lora": "recipe.adapters=true" in overrides, "guidance": trainer.dataset.target.guidance_off()}
+                         "lora": "recipe.adapters=true" in overrides, "guidance": trainer.dataset.target.guidance_scale({})}  # SD1.5/SD3: no guidance embedding
     spec = {"runs": runs, "noise": str(root / "noise.pt"), "results": str(root / "results.pt"), "seed": SEED,
             "prompts": PROMPTS[:2], "steps": 2}
     (root / "spec.json").write_text(json.dumps(spec))

@@ -167,7 +167,9 @@ def make_shard(teacher, pc, index, *args, **kwargs):
         def hook(*_):
             calls.append(1)
             if len(calls) == 2:
-                marker.write_text(str(index))
+                tmp = marker.with_suffix(".tmp")  # renamed into place: the parent never reads it half-written
+                tmp.write_text(str(index))
+                tmp.rename(marker)
                 time.sleep(600)
         teacher.model.register_forward_hook(hook)
     return real_make_shard(teacher, pc, index, *args, **kwargs)

@@ -38,12 +38,21 @@ class DiTFamily:
 
 
 class PixArtFamily(TextConditioned):
+    """A transformer with `use_additional_conditions` (PixArt-alpha 1024, sample_size 128) also takes the image size
+    `resolution` (N, 2) and `aspect_ratio` (N, 1) as PixArtAlphaPipeline passes them; they stay in the null
+    condition (they are not text)."""
+
     text_keys = ("encoder_hidden_states",)
 
     def call(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> Tensor:
+        added = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
+        if model.use_additional_conditions and (added["resolution"] is None or added["aspect_ratio"] is None):
+            raise ValueError("this PixArt transformer uses additional conditions (use_additional_conditions=True, "
+                             "PixArt-alpha 1024): the condition needs 'resolution' (N, 2) and 'aspect_ratio' (N, 1); "
+                             f"got {sorted(cond)}")
         out = model(x, encoder_hidden_states=cond["encoder_hidden_states"],
                     encoder_attention_mask=cond.get("encoder_attention_mask"), timestep=timestep,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+                    added_cond_kwargs=added, return_dict=False)[0]
         return _drop_learned_variance(model, out, x.shape[1])
 
     def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
