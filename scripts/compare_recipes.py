@@ -50,6 +50,12 @@ def class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.stack(per_class).mean())
 
 
+def grid_name(name: str, steps: int, overrides: list[str]) -> str:
+    """The grid's file name: recipe, step count and the --set overrides (so runs with other settings keep theirs)."""
+    tag = "".join(f"_{o.split('=', 1)[0].split('.')[-1]}-{Path(o.split('=', 1)[1]).name}" for o in overrides)
+    return f"{name}{tag}_{steps}step.png"
+
+
 def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
             overrides: list[str], grids: Path | None = None) -> dict:
     from distill.config import load_config
@@ -78,7 +84,7 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
             images.append(trainer.recipe.generate(gen, cond, noise[chunk: chunk + 256]).float().cpu())
     images = torch.cat(images).clamp(-1, 1)
     if grids is not None:  # 10 samples of each class, one class per column
-        save_grid(images[:100], grids / f"{name}_{steps}step.png", nrow=10, scale=2)
+        save_grid(images[:100], grids / grid_name(name, steps, overrides), nrow=10, scale=2)
     report = judge.report(images, labels)
     report["diversity"] = class_diversity(judge.features(images), labels)
     report.update({"recipe": name, "steps": steps, "budget": cfg.run.max_steps, "train_seconds": seconds})

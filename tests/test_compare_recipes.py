@@ -46,7 +46,8 @@ def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
     from PIL import Image
 
     for name, k in (("dmd2", 1), ("phased_dmd", 2)):  # one grid per student: 10 classes x 10 samples
-        with Image.open(tmp_path / "compare" / "grids" / f"{name}_{k}step.png") as grid:
+        (path,) = (tmp_path / "compare" / "grids").glob(f"{name}_*_{k}step.png")  # named with the --set values
+        with Image.open(path) as grid:
             assert grid.size[0] == grid.size[1] > 0
     # A second call measures nothing again (resumable) and writes the same table.
     assert compare.main(args) == 0
@@ -66,6 +67,13 @@ def test_unknown_recipe_is_named(tmp_path):
     compare = _script("compare_recipes")
     with pytest.raises(SystemExit, match="no recipes/<name>_digits.yaml for \\['nope'\\]"):
         compare.main(["--recipes", "nope", "--out", str(tmp_path)])
+
+
+def test_grid_names_carry_the_overrides():
+    compare = _script("compare_recipes")
+    assert compare.grid_name("dmd2", 4, []) == "dmd2_4step.png"
+    assert compare.grid_name("fdistill", 1, ["recipe.divergence=forward_kl"]) == "fdistill_divergence-forward_kl_1step.png"
+    assert compare.grid_name("x", 2, ["teacher.path=/a/b/tiny"]) == "x_path-tiny_2step.png"
 
 
 def test_class_diversity_closed_form():
