@@ -4,15 +4,22 @@ DMD (v1), reflow, InstaFlow and SlimFlow all start from pairs (z, x) where x is 
 integrated from the noise z (Liu et al. 2022, arXiv 2209.03003, sec. 2.3; DMD, arXiv 2311.18828, sec. 3.3).
 Making them is the expensive part, so the store is written to survive being killed:
 
-* pairs are written in shards (`shard-000000.safetensors`: tensors `noise`, `sample`, `cond.<key>`), each to a
-  temporary file that is fsync'ed and renamed into place, so a shard on disk is always complete;
+* pairs are written in shards (`shard-000000.safetensors`: tensors `noise`, `sample`, `cond.<key>` or
+  `prompt_index`), each to a temporary file that is fsync'ed and renamed into place, so a shard on disk is always
+  complete;
 * shard i is drawn from its own generator seeded by (seed, i), never from a running RNG, so a rerun after a kill
   skips the finished shards and the final store is byte-identical to an uninterrupted one;
 * `manifest.json` (the generation spec and one record per finished shard, with its sha256) is rewritten
   atomically, under a file lock, after each shard; under `accelerate launch` process r writes the shards
   i = r, r + P, r + 2P, ... and every process adds its own to the one manifest;
 * conditions only are drawn from the train half of the data (its label distribution, or uniform labels): no
-  training image enters the store.
+  training image enters the store;
+* on a text-conditioned (latent) family (data.name: prompts or images) each pair's condition is a prompt (a
+  caption) drawn uniformly from the data's prompts by the shard's generator; the shard stores its index
+  (`prompt_index`), and the spec the sha256 of the prompts in order, so a store of other prompts is never resumed
+  or reused. Reading resolves the indices to the data's cached prompt embeddings (the condition tensors the network
+  takes: `encoder_hidden_states`, `pooled_projections`, ...): stored per pair they would cost megabytes each (SD3:
+  333 x 4096 float32), indices cost 8 bytes.
 
 Reading streams shards: :class:`PairDataset` draws each batch from one shard (chosen in proportion to its size)
 and keeps only the `cache_shards` most recently used shards in memory.
@@ -49,6 +56,7 @@ LOCK = ".manifest.lock"
 FORMAT = "distill-pairs"
 VERSION = 1
 COND_PREFIX = "cond."
+PROMPT_INDEX = "prompt_index"
 
 
 class PairsConfig(Section):
@@ -61,7 +69,8 @@ class PairsConfig(Section):
     solver: Literal["dpm_solver_2m", "ddim"] = Field("dpm_solver_2m", description="teacher ODE solver "
                                                      "(distill.sampling); ddim is its first-order case")
     labels: Literal["train", "uniform"] = Field(
-        "train", description="class labels: drawn from the train half's label distribution, or uniformly")
+        "train", description="class labels: drawn from the train half's label distribution, or uniformly "
+                             "(text families: prompts are always drawn uniformly from the data's prompts)")
     seed: int = Field(0, ge=0, description="shard i is drawn from a generator seeded by (seed, i)")
     batch_size: int = Field(256, ge=1, description="teacher calls are batched this large")
     cache_shards: int = Field(2, ge=1, description="shards held in memory while reading (LRU)")
@@ -75,13 +84,12 @@ class PairsConfig(Section):
 RegressionKind = Literal["l2", "pseudo_huber", "perceptual"]
 
 
-def check_pairs_data(cfg, key: str = "recipe.pairs") -> None:
-    """Refuse, when the config is loaded, a pair store for text-conditioned data: stores hold class labels drawn
-    from the digits (or toy) train labels (`draw_conditions`); prompt conditions are not implemented."""
-    if cfg.data.name in ("prompts", "images"):
-        raise ConfigError(f"{key}: a pair store (distill pairs) holds class-label conditions drawn from the train "
-                          f"labels of data.name: digits or toy; stores of text conditions (data.name: "
-                          f"{cfg.data.name}) are not implemented")
+TEXT_DATA = ("prompts", "images")
+
+
+def is_text_store(cfg) -> bool:
+    """Whether `cfg`'s pair store holds prompt conditions (a latent family's data) rather than class labels."""
+    return cfg.data.name in TEXT_DATA
 
 
 def pseudo_huber_c(dim: int) -> float:
@@ -267,9 +275,21 @@ def teacher_fingerprint(teacher_dir: Path) -> str:
     return h.hexdigest()
 
 
-def draw_conditions(train_labels: Tensor | None, num_classes: int, n: int, mode: str, generator: torch.Generator
-                    ) -> dict[str, Tensor]:
-    """Class labels for `n` pairs: resampled from the train half's labels ("train"), or uniform."""
+def prompts_fingerprint(prompts: list[str]) -> str:
+    """sha256 of the prompts in order (a stored condition is an index into them, resolved to its embeddings)."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def num_rows(table: dict[str, Tensor]) -> int:
+    return next(iter(table.values())).shape[0]
+
+
+def draw_conditions(train_labels: Tensor | None, num_classes: int, n: int, mode: str, generator: torch.Generator,
+                    prompt_conditions: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Conditions for `n` pairs. Class labels: resampled from the train half's labels ("train"), or uniform. With
+    `prompt_conditions` (each (P, ...): the embeddings of P prompts), the indices of uniformly drawn prompts."""
+    if prompt_conditions is not None:
+        return {PROMPT_INDEX: torch.randint(0, num_rows(prompt_conditions), (n,), generator=generator)}
     if mode == "train":
         if train_labels is None:
             raise ValueError("pairs.labels=train needs the train half's labels")
@@ -278,7 +298,8 @@ def draw_conditions(train_labels: Tensor | None, num_classes: int, n: int, mode:
 
 
 def make_shard(teacher, pc: PairsConfig, index: int, image_shape: tuple[int, ...], guidance_scale: float,
-               train_labels: Tensor | None, num_classes: int, device: torch.device) -> dict[str, Tensor]:
+               train_labels: Tensor | None, num_classes: int, device: torch.device,
+               prompt_conditions: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The tensors of shard `index`: noise and conditions from the shard's own generator, then the teacher ODE."""
     from distill.sampling import sample
 
@@ -286,11 +307,15 @@ def make_shard(teacher, pc: PairsConfig, index: int, image_shape: tuple[int, ...
     n = min(pc.shard_size, pc.num_pairs - start)
     g = torch.Generator().manual_seed(shard_seed(pc.seed, index))
     noise = torch.randn((n, *image_shape), generator=g)
-    cond = draw_conditions(train_labels, num_classes, n, pc.labels, g)
+    drawn = draw_conditions(train_labels, num_classes, n, pc.labels, g, prompt_conditions)
+    cond = drawn if prompt_conditions is None else {k: v[drawn[PROMPT_INDEX]] for k, v in prompt_conditions.items()}
     x = sample(teacher, {k: v.to(device) for k, v in cond.items()}, noise.to(device), num_steps=pc.num_steps,
                guidance_scale=guidance_scale, batch_size=pc.batch_size, solver=pc.solver)
     tensors = {"noise": noise.contiguous(), "sample": x.float().cpu().contiguous()}
-    tensors.update({COND_PREFIX + k: v.cpu().contiguous() for k, v in cond.items()})
+    if prompt_conditions is None:
+        tensors.update({COND_PREFIX + k: v.cpu().contiguous() for k, v in cond.items()})
+    else:
+        tensors[PROMPT_INDEX] = drawn[PROMPT_INDEX].contiguous()
     if not torch.isfinite(tensors["sample"]).all():
         raise FloatingPointError(f"pair store: the teacher produced non-finite samples in shard {index}")
     return tensors
@@ -299,12 +324,15 @@ def make_shard(teacher, pc: PairsConfig, index: int, image_shape: tuple[int, ...
 def generate_pairs(teacher, pc: PairsConfig, spec_extra: dict[str, Any], image_shape: tuple[int, ...],
                    guidance_scale: float, train_labels: Tensor | None, num_classes: int,
                    process_index: int = 0, num_processes: int = 1, device: torch.device | str = "cpu",
-                   wait: Callable[[], None] | None = None, on_shard: Callable[[int], None] | None = None) -> Path:
+                   wait: Callable[[], None] | None = None, on_shard: Callable[[int], None] | None = None,
+                   prompt_conditions: dict[str, Tensor] | None = None) -> Path:
     """Write the shards of the store described by `pc` that this process owns (i % num_processes ==
     process_index) and are not on disk yet; returns the store's folder.
 
     `spec_extra` (teacher fingerprint, ...) joins the spec; a store with a different spec is refused. `wait` is a
     barrier between processes (accelerate's wait_for_everyone); `on_shard(i)` is called after shard i is written.
+    `prompt_conditions` (text families): the embeddings of the data's prompts, drawn from instead of class labels
+    (the caller puts the prompts' fingerprint into `spec_extra`).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -314,7 +342,10 @@ def generate_pairs(teacher, pc: PairsConfig, spec_extra: dict[str, Any], image_s
     spec = {"num_pairs": pc.num_pairs, "shard_size": pc.shard_size, "num_shards": num_shards,
             "num_steps": pc.num_steps, "solver": pc.solver, "labels": pc.labels, "seed": pc.seed,
             "image_shape": list(image_shape), "guidance_scale": guidance_scale, "num_classes": num_classes,
-            "condition_keys": ["class_labels"], **spec_extra}
+            "condition_keys": ["class_labels"] if prompt_conditions is None else sorted(prompt_conditions),
+            **spec_extra}
+    if prompt_conditions is not None:
+        spec["labels"] = "prompts"
     root.mkdir(parents=True, exist_ok=True)
     old = read_manifest(root)
     if old is not None and old.get("spec") != spec:
@@ -340,7 +371,8 @@ def generate_pairs(teacher, pc: PairsConfig, spec_extra: dict[str, Any], image_s
                disable=not pc.progress_bar or process_index != 0, dynamic_ncols=True)
     start, made = time.perf_counter(), 0
     for i in todo:
-        tensors = make_shard(teacher, pc, i, image_shape, guidance_scale, train_labels, num_classes, torch.device(device))
+        tensors = make_shard(teacher, pc, i, image_shape, guidance_scale, train_labels, num_classes,
+                             torch.device(device), prompt_conditions=prompt_conditions)
         # One metadata key: safetensors writes a metadata map in no fixed order, which would make the bytes vary.
         meta = {"distill": json.dumps({"format": FORMAT, "shard": i, "seed": shard_seed(pc.seed, i)}, sort_keys=True)}
         _write_atomic(root / shard_name(i), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -379,13 +411,25 @@ def generate_from_config(cfg) -> Path:
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as AcceleratorState reads it
     teacher_dir = resolve_path(cfg.teacher.path)
-    teacher = load_denoiser(teacher_dir, prediction=cfg.teacher.prediction).to(state.device)
-    dataset = make_dataset(cfg.data.name, cfg.data.resolution)  # the train half: its labels only are used
+    teacher = load_denoiser(teacher_dir, prediction=cfg.teacher.prediction,
+                            resolution=cfg.data.resolution).to(state.device)
     spec_extra = {"teacher": str(teacher_dir.resolve()), "teacher_sha256": teacher_fingerprint(teacher_dir),
                   "teacher_prediction": teacher.prediction, "data": f"{cfg.data.name}:train"}
+    prompt_conditions = None
+    if is_text_store(cfg):
+        # The pipeline's own prompt embeddings (cached); guidance's unconditional half is its empty prompt.
+        dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
+        teacher.family.set_null_embeddings(dataset.null_condition)
+        prompt_conditions = {k: v.cpu() for k, v in dataset.cond.items()}
+        spec_extra.update(data=cfg.data.name, prompts_sha256=prompts_fingerprint(dataset.prompts),
+                          num_prompts=len(dataset.prompts), latent=True)
+        train_labels, num_classes = None, 0
+    else:
+        dataset = make_dataset(cfg.data.name, cfg.data.resolution)  # the train half: its labels only are used
+        train_labels, num_classes = getattr(dataset, "labels", None), dataset.num_classes
     return generate_pairs(teacher, pc, spec_extra, tuple(dataset.image_shape), cfg.teacher.guidance_scale,
-                          getattr(dataset, "labels", None), dataset.num_classes, state.process_index, state.num_processes,
-                          state.device, wait=state.wait_for_everyone)
+                          train_labels, num_classes, state.process_index, state.num_processes, state.device,
+                          wait=state.wait_for_everyone, prompt_conditions=prompt_conditions)
 
 
 def ensure_store(cfg) -> Path | None:
@@ -456,15 +500,24 @@ class PairStore:
 
 class PairDataset:
     """The trainer's data interface over a pair store: `sample(batch_size, generator)` returns a Batch whose
-    `images` are teacher samples, `noise` the noise each was integrated from, and `cond` their conditions.
+    `images` are teacher samples, `noise` the noise each was integrated from, and `cond` their conditions: class
+    labels, or (a text store) the rows of `prompt_conditions` (the data's prompt embeddings, (P, ...) each; use
+    :func:`open_pairs`, which checks they are the store's prompts) at the stored prompt indices.
 
     Each batch comes from one shard, chosen in proportion to its size (indices drawn with replacement), so
     memory holds only the LRU of recently used shards however large the store is."""
 
-    def __init__(self, path: str | Path, cache_shards: int = 2):
+    def __init__(self, path: str | Path, cache_shards: int = 2, prompt_conditions: dict[str, Tensor] | None = None):
         self.store = PairStore(path, cache_shards)
         self.image_shape = self.store.image_shape
         self.num_classes = int(self.store.spec["num_classes"])
+        self.latent = bool(self.store.spec.get("latent", False))  # VAE latents: no pixel sample grids
+        self.prompt_conditions = prompt_conditions
+        if "prompts_sha256" in self.store.spec:
+            count = self.store.spec["num_prompts"]
+            if prompt_conditions is None or num_rows(prompt_conditions) != count:
+                raise ValueError(f"pair store {str(self.store.root)!r} holds indices into {count} prompts: reading it "
+                                 "needs their embeddings (the run's data section, data.name: prompts or images)")
 
     def __len__(self) -> int:
         return len(self.store)
@@ -475,11 +528,40 @@ class PairDataset:
         i = int(torch.multinomial(self.store.counts, 1, generator=generator).item())
         shard = self.store.shard(i)
         idx = torch.randint(0, shard["noise"].shape[0], (batch_size,), generator=generator)
-        cond = {k[len(COND_PREFIX):]: v[idx] for k, v in shard.items() if k.startswith(COND_PREFIX)}
+        if PROMPT_INDEX in shard:
+            rows = shard[PROMPT_INDEX][idx]
+            cond = {k: v[rows] for k, v in self.prompt_conditions.items()}
+        else:
+            cond = {k[len(COND_PREFIX):]: v[idx] for k, v in shard.items() if k.startswith(COND_PREFIX)}
         return Batch(shard["sample"][idx], cond, noise=shard["noise"][idx])
 
     def grid_condition(self, n: int) -> dict[str, Tensor]:
+        if self.prompt_conditions is not None:  # the prompts in order (cycled)
+            idx = torch.arange(n) % num_rows(self.prompt_conditions)
+            return {k: v[idx] for k, v in self.prompt_conditions.items()}
         return {"class_labels": torch.arange(n) % self.num_classes}
+
+
+def open_pairs(pc: PairsConfig, dataset, key: str = "recipe.pairs.path") -> PairDataset:
+    """The store of `pc` as a recipe reads it, checked against the run's `dataset` (its image shape; a text
+    store's prompts, whose embeddings it takes from the dataset)."""
+    prompts = getattr(dataset, "prompts", None)
+    table = dataset.cond if prompts is not None else None
+    spec = PairStore(pc.path, pc.cache_shards).spec
+    if prompts is not None or "prompts_sha256" in spec:
+        check_prompts(spec, prompts, key)
+    pairs = PairDataset(pc.path, pc.cache_shards, table)
+    check_store_matches(pairs, dataset.image_shape, key)
+    return pairs
+
+
+def check_prompts(spec: dict, prompts: list[str] | None, key: str) -> None:
+    """A text store is read with the embeddings of exactly the prompts it drew from."""
+    now = None if prompts is None else prompts_fingerprint(prompts)
+    if spec.get("prompts_sha256") != now:
+        raise ConfigError(f"{key}: the pair store's conditions index other prompts than the data's (prompts_sha256 "
+                          f"{spec.get('prompts_sha256')!r} in the store, {now!r} now); make the store with the run's "
+                          "data section")
 
 
 def check_store_matches(store: PairStore | PairDataset, image_shape: tuple[int, ...], key: str) -> None:

@@ -176,16 +176,25 @@ class Target:
             return LCMScheduler(**{k: config[k] for k in keep if k in config}, original_inference_steps=num_steps,
                                 timestep_scaling=NO_BOUNDARY_SCALING, clip_sample=False, set_alpha_to_one=True,
                                 steps_offset=1)
-        if config.get("use_flow_sigmas"):  # Wan's UniPC flow scheduler: its flow_shift is the static shift
-            config = {"shift": config.get("flow_shift", 1.0), "num_train_timesteps": config.get("num_train_timesteps", 1000)}
-        keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                "base_image_seq_len", "max_image_seq_len", "time_shift_type")
-        config = {k: config[k] for k in keep if k in config}
+        return FlowMatchEulerDiscreteScheduler(**self._flow_config(config, num_steps), stochastic_sampling=True)
+
+    def ode_scheduler(self, teacher_scheduler_config: dict, num_steps: int):
+        """A flow family's deterministic Euler ODE sampler at the teacher's shift, on the k-step times of
+        :meth:`scheduler` (the export of a reflowed flow): `FlowMatchEulerDiscreteScheduler` without stochastic
+        sampling, x_next = x + (s_next - s) v, the last step to s = 0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.kind != "flow":
+            raise ExportRefused(f"{self.pipeline} has no flow-matching ODE scheduler (a VP family)")
+        return FlowMatchEulerDiscreteScheduler(**self._flow_config(teacher_scheduler_config, num_steps))
+
+    def _flow_config(self, teacher_scheduler_config: dict, num_steps: int) -> dict:
+        config = flow_euler_config(teacher_scheduler_config)
         if not self.packed and not config.get("use_dynamic_shifting") and num_steps >= 2:
             # the last step at shift(1/k) (the module doc): set_timesteps stretches its sigmas to end there
             shift = float(config.get("shift", 1.0))
             config["shift_terminal"] = shift / num_steps / (1 + (shift - 1) / num_steps)
-        return FlowMatchEulerDiscreteScheduler(**config, stochastic_sampling=True)
+        return config
 
     def set_timesteps(self, scheduler, num_steps: int, image_seq_len: int) -> None:
         """Exactly the pipeline's own `set_timesteps` call."""
@@ -287,12 +296,14 @@ class Target:
         return {}
 
     # -- writing -------------------------------------------------------------------------------------------------
-    def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict) -> None:
-        """Save the teacher's pipeline with the student's network and the target's scheduler into `tmp`."""
+    def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict,
+              scheduler=None) -> None:
+        """Save the teacher's pipeline with the student's network and the target's scheduler (or `scheduler`)
+        into `tmp`."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline)
-        scheduler = self.scheduler(teacher_scheduler_config, num_steps)
+        scheduler = scheduler or self.scheduler(teacher_scheduler_config, num_steps)
         pipe = cls.from_pretrained(teacher_folder, **_absent(teacher_folder), **{self.subfolder: model, "scheduler": scheduler},
                                    torch_dtype=torch.float32)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -303,6 +314,17 @@ class Target:
                 if not k.startswith("_") and not isinstance(v, list) and k not in index}
         if kept:
             (tmp / "model_index.json").write_text(json.dumps({**index, **kept}, indent=2, sort_keys=True) + "\n")
+
+
+def flow_euler_config(teacher_scheduler_config: dict) -> dict:
+    """The FlowMatchEulerDiscreteScheduler arguments of a flow teacher's scheduler config (its shift, static or
+    dynamic); Wan's UniPC flow scheduler gives its static flow_shift."""
+    config = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    if config.get("use_flow_sigmas"):
+        config = {"shift": config.get("flow_shift", 1.0), "num_train_timesteps": config.get("num_train_timesteps", 1000)}
+    keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+            "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+    return {k: config[k] for k in keep if k in config}
 
 
 def class_indices(lines: list[str], num_classes: int | None = None) -> Tensor:

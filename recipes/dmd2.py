@@ -33,7 +33,7 @@ from distill.config import Section, require, require_images
 from distill.denoiser import Denoiser
 from distill.export import rollout, step_input, student_from_teacher, student_prediction, student_schedule
 from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_pairs_data, check_store_matches
+from distill.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
 from distill.parametrization import add_noise
 from distill.trainer import Batch, frozen, unwrap
 
@@ -72,8 +72,6 @@ class Config(Section):
     def check_run(self, cfg: RunConfig) -> None:
         if self.gan:
             require_images(cfg, "recipe.gan", "the GAN head tells real images from the student's, DMD2 sec. 4.3")
-        if self.regression_weight > 0:
-            check_pairs_data(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,8 +265,7 @@ class DMD2:
 def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DMD2:
     recipe = DMD2(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
     if cfg.recipe.regression_weight > 0:
-        recipe.pairs = PairDataset(cfg.recipe.pairs.path, cfg.recipe.pairs.cache_shards)
-        check_store_matches(recipe.pairs, dataset.image_shape, "recipe.pairs.path")
+        recipe.pairs = open_pairs(cfg.recipe.pairs, dataset)
     recipe.critic.to(device)
     recipe.generator.to(device)
     return recipe

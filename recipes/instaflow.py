@@ -27,8 +27,8 @@ from distill.config import ConfigError, Section
 from distill.denoiser import Denoiser
 from distill.export import rollout, student_from_teacher, student_schedule
 from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, check_pairs_data, check_store_matches
-from distill.recipes.reflow import flow_range, flow_velocity, parameter_count
+from distill.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
+from distill.recipes.reflow import flow_range, flow_velocity, parameter_count, vp_latent_teacher
 
 
 class Config(Section):
@@ -41,7 +41,10 @@ class Config(Section):
                                                                  "samples; 0 = plain InstaFlow")
 
     def check_run(self, cfg: RunConfig) -> None:
-        check_pairs_data(cfg)
+        pipeline = vp_latent_teacher(cfg)
+        if self.flow_guidance_weight > 0 and pipeline is not None:
+            raise ConfigError(f"recipe.flow_guidance_weight: the flow's two-step Euler target needs a flow-matching "
+                              f"teacher (SD3, Flux, Wan); {pipeline} is a VP family (not implemented)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,8 +122,7 @@ def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> I
     if cfg.student.num_steps != 1:
         raise ConfigError(f"student.num_steps: instaflow trains one-step students (its single step is regressed "
                           f"on the stored sample), got {cfg.student.num_steps}")
-    pairs = PairDataset(cfg.recipe.pairs.path, cfg.recipe.pairs.cache_shards)
-    check_store_matches(pairs, dataset.image_shape, "recipe.pairs.path")
+    pairs = open_pairs(cfg.recipe.pairs, dataset)
     recipe = InstaFlow(cfg.recipe, teacher, cfg.teacher.guidance_scale, pairs)
     recipe.generator.to(device)
     logging.getLogger("distill").info("instaflow student: %s with %d parameters",
