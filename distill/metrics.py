@@ -81,28 +81,28 @@ class DigitsClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
-    """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
+def load_classifier(folder: Path, build, what: str, script: str, tuple_keys: tuple[str, ...] = ("channels",)) -> nn.Module:
+    """A judge's classifier from `folder` (`config.json`: the constructor arguments of `build`; `model.safetensors`),
+    in eval mode, loaded with safetensors only; a missing or malformed file is an error naming it and `script`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for file in (config_file, weights_file):
         if not file.is_file():
-            raise FileNotFoundError(
-                f"digits classifier file missing: {file} (train it with scripts/train_digits_classifier.py)"
-            )
+            raise FileNotFoundError(f"{what} file missing: {file} (train it with {script})")
     try:
         config = json.loads(config_file.read_text())
-        config["channels"] = tuple(config["channels"])
-        model = DigitsClassifier(**config)
+        for key in tuple_keys:
+            if key in config:
+                config[key] = tuple(config[key])
+        model = build(**config)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed digits classifier config {config_file}: {err}") from err
+        raise ValueError(f"malformed {what} config {config_file}: {err}") from err
     try:
         state = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"malformed digits classifier weights {weights_file}: {err}") from err
+        raise ValueError(f"malformed {what} weights {weights_file}: {err}") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -110,38 +110,54 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
     return model.eval()
 
 
-class DigitsFeatureNet(nn.Module):
-    """Feature extractor for torchmetrics' `FrechetInceptionDistance(feature=...)`: classifier features as float64.
+def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
+    """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
+    folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
+    return load_classifier(folder, DigitsClassifier, "digits classifier", "scripts/train_digits_classifier.py")
 
-    Takes float images (N, 1, R, R) in [-1, 1]. torchmetrics 1.9.0 passes a custom module's input through
-    unchanged (its `normalize` flag only converts images for the built-in Inception), reads `num_features`
-    instead of probing the module with a dummy uint8 image (so `input_img_size` is unused), accumulates
-    float64 statistics, and casts the final distance to the feature dtype: returning float64 features keeps
-    the distance in float64. Never leaves eval mode; parameters are frozen.
+
+class ClassifierFeatureNet(nn.Module):
+    """Feature extractor for torchmetrics' `FrechetInceptionDistance(feature=...)`: a judge classifier's
+    penultimate features (`classifier.features`) as float64.
+
+    Takes float images (N, C, R, R) in [-1, 1] (C = `classifier.channels`, default 1; R = `classifier.resolution`).
+    torchmetrics 1.9.0 passes a custom module's input through unchanged (its `normalize` flag only converts
+    images for the built-in Inception), reads `num_features` instead of probing the module with a dummy uint8
+    image (so `input_img_size` is unused), accumulates float64 statistics, and casts the final distance to the
+    feature dtype: returning float64 features keeps the distance in float64. Never leaves eval mode; parameters
+    are frozen.
     """
 
-    def __init__(self, classifier: DigitsClassifier | None = None) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
-        self.classifier = (classifier if classifier is not None else load_digits_classifier()).eval()
+        self.classifier = classifier.eval()
         self.classifier.requires_grad_(False)
         self.num_features = self.classifier.num_features
         self.resolution = self.classifier.resolution
+        self.channels = getattr(self.classifier, "channels_in", 1)
 
-    def train(self, mode: bool = True) -> DigitsFeatureNet:
+    def train(self, mode: bool = True) -> ClassifierFeatureNet:
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(images, self.resolution)
+        check_images(images, self.resolution, channels=self.channels)
         return self.classifier.features(images.float()).double()
 
 
-def check_images(images: torch.Tensor, resolution: int = 16, count: int | None = None) -> None:
-    """Raise ValueError unless `images` is a float tensor of shape (count or any, 1, resolution, resolution)."""
-    expected = f"({count if count is not None else 'N'}, 1, {resolution}, {resolution})"
+class DigitsFeatureNet(ClassifierFeatureNet):
+    """`ClassifierFeatureNet` of the digits classifier (the shipped one unless given): FD-digits' features."""
+
+    def __init__(self, classifier: DigitsClassifier | None = None) -> None:
+        super().__init__(classifier if classifier is not None else load_digits_classifier())
+
+
+def check_images(images: torch.Tensor, resolution: int = 16, count: int | None = None, channels: int = 1) -> None:
+    """Raise ValueError unless `images` is a float tensor of shape (count or any, channels, resolution, resolution)."""
+    expected = f"({count if count is not None else 'N'}, {channels}, {resolution}, {resolution})"
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor of shape {expected}, got {type(images).__name__}")
     shape = tuple(images.shape)
-    if images.ndim != 4 or shape[1:] != (1, resolution, resolution) or (count is not None and shape[0] != count):
+    if images.ndim != 4 or shape[1:] != (channels, resolution, resolution) or (count is not None and shape[0] != count):
         raise ValueError(f"expected images of shape {expected}, got {shape}")
     if not images.is_floating_point():
         raise ValueError(
@@ -152,7 +168,7 @@ def check_images(images: torch.Tensor, resolution: int = 16, count: int | None =
 
 
 def _frechet_distance(
-    feature_net: DigitsFeatureNet, images: torch.Tensor, reference: torch.Tensor, batch_size: int
+    feature_net: ClassifierFeatureNet, images: torch.Tensor, reference: torch.Tensor, batch_size: int
 ) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -223,12 +239,94 @@ class ClassifierScore(NamedTuple):
     confidence: float  # mean softmax probability of the intended label
 
 
-class FDDigits:
+class FrechetJudge:
+    """A Frechet distance judge with a protocol: a fixed reference set, a fixed count, and a floor.
+
+    `judge(images)` is the Frechet distance, in `feature_net`'s features, between exactly `judge.count` images
+    and `reference`; `floor()` is the same figure for `held_out`, real images the generators never scored
+    against (real against real at the same count). Fréchet distances are biased by the sample count, so any
+    other count raises. Reference statistics are computed once and cached. Subclasses set the data
+    (FD-digits: `FDDigits`; FD-shapes: `distill.shapes_judge.ShapesJudge`).
+    """
+
+    def __init__(self, feature_net: ClassifierFeatureNet, reference: torch.Tensor, held_out: torch.Tensor,
+                 batch_size: int = 512, device: str | torch.device = "cpu") -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.feature_net = feature_net.to(device)
+        self.resolution = feature_net.resolution
+        self.channels = feature_net.channels
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.reference, self.held_out = reference, held_out
+        self.count = len(held_out)
+        self._floor: float | None = None
+        self._floor_pr: tuple[float, float] | None = None
+        self._reference_features: torch.Tensor | None = None
+        # reset_real_features=False: reset() clears only the generated-side statistics.
+        self._fid = FrechetInceptionDistance(feature=self.feature_net, reset_real_features=False).to(self.device)
+        for start in range(0, len(self.reference), batch_size):
+            self._fid.update(self.reference[start : start + batch_size].to(self.device), real=True)
+
+    def check(self, images: torch.Tensor, count: int | None = None) -> None:
+        check_images(images, self.resolution, count=count, channels=self.channels)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """The Frechet distance of exactly `self.count` float images in [-1, 1] (clamped, as saving to PNG would)
+        against the reference."""
+        self.check(images, count=self.count)
+        images = images.to(self.device).clamp(-1.0, 1.0)
+        self._fid.reset()
+        for start in range(0, len(images), self.batch_size):
+            self._fid.update(images[start : start + self.batch_size], real=False)
+        return float(self._fid.compute())
+
+    def floor(self) -> float:
+        """Real against real at the protocol count: `held_out` against the reference."""
+        if self._floor is None:
+            self._floor = self(self.held_out)
+        return self._floor
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge's features (N, num_features) of float images in [-1, 1] (clamped)."""
+        self.check(images)
+        return torch.cat([
+            self.feature_net(images[start : start + self.batch_size].to(self.device).clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits of float images in [-1, 1] (clamped), any count."""
+        self.check(images)
+        classifier = self.feature_net.classifier
+        return torch.cat([
+            classifier(images[start : start + self.batch_size].to(self.device).float().clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+
+    def precision_recall(self, images: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+        """Improved precision and recall (k = 3) of exactly `self.count` images against the reference, in the
+        judge's features. The real `held_out` set gives the protocol's reference values (`floor_precision_recall`)."""
+        self.check(images, count=self.count)
+        if self._reference_features is None:
+            self._reference_features = self.features(self.reference)
+        return precision_recall(self._reference_features, self.features(images), k)
+
+    def floor_precision_recall(self) -> tuple[float, float]:
+        """Precision and recall of the real `held_out` set against the reference: what a perfect generator would
+        score."""
+        if self._floor_pr is None:
+            self._floor_pr = self.precision_recall(self.held_out)
+        return self._floor_pr
+
+
+class FDDigits(FrechetJudge):
     """The FD-digits judge (NOT Inception FID; not comparable to paper FIDs).
 
     Reference: half A (899 real digits). `judge(images)` needs exactly `judge.count` = 898 images so every
     figure has the same sample-count bias as `judge.floor()` (half B against half A); any other count raises.
-    Reference statistics are computed once and cached.
     """
 
     def __init__(
@@ -238,66 +336,12 @@ class FDDigits:
         batch_size: int = 512,
         device: str | torch.device = "cpu",
     ) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.feature_net = DigitsFeatureNet(classifier).to(device)
-        if resolution != self.feature_net.resolution:
+        feature_net = DigitsFeatureNet(classifier)
+        if resolution != feature_net.resolution:
             raise ValueError(
-                f"FD-digits classifier works at resolution {self.feature_net.resolution}, got resolution={resolution}"
+                f"FD-digits classifier works at resolution {feature_net.resolution}, got resolution={resolution}"
             )
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.reference, self.held_out = protocol_halves(resolution)
-        self.count = len(self.held_out)  # 898
-        self._floor: float | None = None
-        self._floor_pr: tuple[float, float] | None = None
-        self._reference_features: torch.Tensor | None = None
-        # reset_real_features=False: reset() clears only the generated-side statistics.
-        self._fid = FrechetInceptionDistance(feature=self.feature_net, reset_real_features=False).to(self.device)
-        for start in range(0, len(self.reference), batch_size):
-            self._fid.update(self.reference[start : start + batch_size].to(self.device), real=True)
-
-    def __call__(self, images: torch.Tensor) -> float:
-        """FD-digits of exactly `self.count` (898) float images (N, 1, 16, 16) in [-1, 1] against half A.
-
-        Images are clamped to [-1, 1] (as saving to PNG would).
-        """
-        check_images(images, self.resolution, count=self.count)
-        images = images.to(self.device).clamp(-1.0, 1.0)
-        self._fid.reset()
-        for start in range(0, len(images), self.batch_size):
-            self._fid.update(images[start : start + self.batch_size], real=False)
-        return float(self._fid.compute())
-
-    def floor(self) -> float:
-        """Real against real at the protocol count: half B (898) against half A (899)."""
-        if self._floor is None:
-            self._floor = self(self.held_out)
-        return self._floor
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The judge's features (N, 64) of float images in [-1, 1] (clamped)."""
-        check_images(images, self.resolution)
-        return torch.cat([
-            self.feature_net(images[start : start + self.batch_size].to(self.device).clamp(-1.0, 1.0))
-            for start in range(0, len(images), self.batch_size)
-        ]).cpu()  # fmt: skip
-
-    def precision_recall(self, images: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
-        """Improved precision and recall (k = 3) of exactly `self.count` images against half A, in the judge's
-        features. The real half B gives the protocol's reference values (`floor_precision_recall`)."""
-        check_images(images, self.resolution, count=self.count)
-        if self._reference_features is None:
-            self._reference_features = self.features(self.reference)
-        return precision_recall(self._reference_features, self.features(images), k)
-
-    def floor_precision_recall(self) -> tuple[float, float]:
-        """Precision and recall of the real half B against half A: what a perfect generator would score."""
-        if self._floor_pr is None:
-            self._floor_pr = self.precision_recall(self.held_out)
-        return self._floor_pr
+        super().__init__(feature_net, *protocol_halves(resolution), batch_size=batch_size, device=device)
 
     def report(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """FD-digits, precision, recall and (with `labels`) classifier accuracy of `self.count` images."""
@@ -307,22 +351,16 @@ class FDDigits:
             out["accuracy"] = self.accuracy(images, labels).accuracy
         return out
 
-    @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> ClassifierScore:
         """How often the classifier recognises the intended `labels` in (N, 1, 16, 16) images (any N)."""
-        check_images(images, self.resolution)
+        self.check(images)
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if tuple(labels.shape) != (len(images),):
             raise ValueError(f"expected labels of shape ({len(images)},), got {tuple(labels.shape)}")
         if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < NUM_DIGIT_CLASSES):
             low, high = int(labels.min()), int(labels.max())
             raise ValueError(f"labels must be in [0, {NUM_DIGIT_CLASSES}), got range [{low}, {high}]")
-        classifier = self.feature_net.classifier
-        logits = torch.cat([
-            classifier(images[start : start + self.batch_size].to(self.device).float().clamp(-1.0, 1.0))
-            for start in range(0, len(images), self.batch_size)
-        ]).cpu()  # fmt: skip
-        probs = logits.softmax(dim=-1)
+        probs = self.logits(images).softmax(dim=-1)
         correct = (probs.argmax(dim=-1) == labels).double().mean()
         confidence = probs.gather(1, labels[:, None]).double().mean()
         return ClassifierScore(accuracy=float(correct), confidence=float(confidence))
