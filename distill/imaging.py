@@ -37,12 +37,12 @@ def label_rows(img: Image.Image, labels: list[str], nrows: int, margin: int = 8)
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(img)
     width = max(int(draw.textlength(label, font=font)) for label in labels) + 2 * margin
-    out = Image.new(img.mode, (img.width + width, img.height), 255)
+    out = Image.new(img.mode, (img.width + width, img.height), "white")  # 255 would be red in RGB
     out.paste(img, (width, 0))
     draw = ImageDraw.Draw(out)
     row_h = img.height / nrows
     for r, label in enumerate(labels):
-        draw.text((margin, int((r + 0.5) * row_h) - 5), label, fill=0, font=font)
+        draw.text((margin, int((r + 0.5) * row_h) - 5), label, fill="black", font=font)
     return out
 
 
