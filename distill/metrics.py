@@ -38,30 +38,25 @@ PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
 PR_NEIGHBOURS = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
 
 
-class DigitsClassifier(nn.Module):
-    """Small CNN for (N, 1, R, R) digits in [-1, 1]: two conv blocks, a `num_features`-wide feature layer, a head.
+class ConvClassifier(nn.Module):
+    """Small CNN for (N, in_channels, R, R) images in [-1, 1]: two conv blocks, a `num_features`-wide feature layer,
+    a head of `num_classes` logits. The judges' classifiers (digits, shapes) are this network.
 
-    `features(x)` returns the penultimate features used by FD-digits (GELU, not ReLU: no unit dies and the
+    `features(x)` returns the penultimate features of the Frechet distances (GELU, not ReLU: no unit dies and the
     feature covariance keeps full rank); `forward(x)` returns logits.
-    The constructor arguments are exactly what `config.json` stores.
     """
 
-    def __init__(
-        self,
-        resolution: int = 16,
-        channels: tuple[int, int] = (16, 32),
-        num_features: int = 64,
-        num_classes: int = NUM_DIGIT_CLASSES,
-        dropout: float = 0.2,
-    ) -> None:
+    def __init__(self, in_channels: int, resolution: int, channels: tuple[int, int], num_features: int,
+                 num_classes: int, dropout: float) -> None:
         super().__init__()
         if resolution % 4 != 0:
-            raise ValueError(f"DigitsClassifier resolution must be a multiple of 4, got {resolution}")
+            raise ValueError(f"{type(self).__name__} resolution must be a multiple of 4, got {resolution}")
         c1, c2 = channels
+        self.channels_in = in_channels
         self.resolution = resolution
         self.num_features = num_features
         self.conv = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
@@ -77,8 +72,17 @@ class DigitsClassifier(nn.Module):
         return F.gelu(self.feature(self.conv(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits, (N, num_classes)."""
+        """Logits, (N, num_classes)."""
         return self.head(self.dropout(self.features(x)))
+
+
+class DigitsClassifier(ConvClassifier):
+    """The FD-digits classifier: a `ConvClassifier` for (N, 1, 16, 16) digits with 10 classes.
+    The constructor arguments are exactly what `config.json` stores."""
+
+    def __init__(self, resolution: int = 16, channels: tuple[int, int] = (16, 32), num_features: int = 64,
+                 num_classes: int = NUM_DIGIT_CLASSES, dropout: float = 0.2) -> None:
+        super().__init__(1, resolution, channels, num_features, num_classes, dropout)
 
 
 def load_classifier(folder: Path, build, what: str, script: str, tuple_keys: tuple[str, ...] = ("channels",)) -> nn.Module:
@@ -120,7 +124,7 @@ class ClassifierFeatureNet(nn.Module):
     """Feature extractor for torchmetrics' `FrechetInceptionDistance(feature=...)`: a judge classifier's
     penultimate features (`classifier.features`) as float64.
 
-    Takes float images (N, C, R, R) in [-1, 1] (C = `classifier.channels`, default 1; R = `classifier.resolution`).
+    Takes float images (N, C, R, R) in [-1, 1] (C = `classifier.channels_in`, R = `classifier.resolution`).
     torchmetrics 1.9.0 passes a custom module's input through unchanged (its `normalize` flag only converts
     images for the built-in Inception), reads `num_features` instead of probing the module with a dummy uint8
     image (so `input_img_size` is unused), accumulates float64 statistics, and casts the final distance to the
@@ -128,13 +132,13 @@ class ClassifierFeatureNet(nn.Module):
     are frozen.
     """
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: ConvClassifier) -> None:
         super().__init__()
         self.classifier = classifier.eval()
         self.classifier.requires_grad_(False)
         self.num_features = self.classifier.num_features
         self.resolution = self.classifier.resolution
-        self.channels = getattr(self.classifier, "channels_in", 1)
+        self.channels = self.classifier.channels_in
 
     def train(self, mode: bool = True) -> ClassifierFeatureNet:
         return super().train(False)

@@ -20,10 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.metrics import ClassifierFeatureNet, FrechetJudge, load_classifier
+from distill.metrics import ClassifierFeatureNet, ConvClassifier, FrechetJudge, load_classifier
 from distill.shapes import ATTRIBUTES, RESOLUTION, SPLITS, attributes_of, shapes_split
 
 SHAPES_JUDGE_DIR = Path(__file__).parent / "assets" / "shapes_judge"
@@ -33,42 +32,13 @@ JUDGE_COUNT = SPLITS["reference"]
 ATTRIBUTE_SIZES = tuple(len(v) for v in ATTRIBUTES.values())
 
 
-class ShapesClassifier(nn.Module):
-    """Small CNN for (N, 3, 24, 24) images in [-1, 1]: two conv blocks, a `num_features`-wide feature layer and
-    one head whose logits are split per attribute (shape 3, colour 4, position 4).
-
-    `features(x)` are FD-shapes' features (GELU: no unit dies); `forward(x)` the concatenated logits. The
-    constructor arguments are exactly what `config.json` stores."""
-
-    channels_in = 3
+class ShapesClassifier(ConvClassifier):
+    """The shapes judge's classifier: a `ConvClassifier` for (N, 3, 24, 24) images whose 11 logits are split per
+    attribute (shape 3, colour 4, position 4). The constructor arguments are exactly what `config.json` stores."""
 
     def __init__(self, resolution: int = RESOLUTION, channels: tuple[int, int] = (16, 32), num_features: int = 64,
                  dropout: float = 0.2) -> None:
-        super().__init__()
-        if resolution % 4 != 0:
-            raise ValueError(f"ShapesClassifier resolution must be a multiple of 4, got {resolution}")
-        c1, c2 = channels
-        self.resolution = resolution
-        self.num_features = num_features
-        self.conv = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.feature = nn.Linear(c2 * (resolution // 4) ** 2, num_features)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(num_features, sum(ATTRIBUTE_SIZES))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features, (N, num_features)."""
-        return F.gelu(self.feature(self.conv(x).flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of every attribute, concatenated: (N, 3 + 4 + 4)."""
-        return self.head(self.dropout(self.features(x)))
+        super().__init__(3, resolution, channels, num_features, sum(ATTRIBUTE_SIZES), dropout)
 
 
 def split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
