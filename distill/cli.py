@@ -4,9 +4,10 @@
     distill export RUN_DIR OUT_DIR           write the run's latest EMA student as a stock diffusers pipeline
     distill pairs CONFIG [key=value ...]     write the teacher ODE pair store of CONFIG's `recipe.pairs` (resumable;
                                              also under `accelerate launch -m distill.cli pairs ...`)
-    distill demo [--recipe NAME] [--out DIR] [key=value ...]
+    distill demo [--task digits|text] [--recipe NAME] [--out DIR] [key=value ...]
                                              the main job: a recipe (default DMD2) on the bundled digits teacher,
-                                             export, grid, FD-digits
+                                             export, grid, FD-digits; `--task text`: on the bundled text-to-image
+                                             teacher, agreement and FD-shapes (docs/text_to_image.md)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from distill.config import ConfigError, load_config
 
-DEMO_CONFIG = "{recipe}_digits.yaml"
+#: the config each demo task runs, by recipe name
+DEMO_CONFIG = {"digits": "{recipe}_digits.yaml", "text": "{recipe}_text.yaml"}
 
 
 def _setup_logging() -> None:
@@ -95,20 +97,23 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.evaluate import compare_teacher_student
     from distill.trainer import Trainer
 
     out = Path(args.out)
-    cfg = load_config(DEMO_CONFIG.format(recipe=args.recipe), [f"run.output_dir={out}", *args.overrides])
+    cfg = load_config(DEMO_CONFIG[args.task].format(recipe=args.recipe), [f"run.output_dir={out}", *args.overrides])
     preflight(cfg)
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
     if trainer.accelerator.is_main_process:
-        from distill.evaluate import DEFAULT_TEACHER_STEPS
+        if args.task == "text":
+            from distill.evaluate_text import DEFAULT_TEXT_TEACHER_STEPS as default_steps
+            from distill.evaluate_text import compare_text_teacher_student as compare
+        else:
+            from distill.evaluate import DEFAULT_TEACHER_STEPS as default_steps
+            from distill.evaluate import compare_teacher_student as compare
 
-        steps = args.teacher_steps if args.teacher_steps is not None else DEFAULT_TEACHER_STEPS
-        report = compare_teacher_student(cfg, pipeline_dir, out, teacher_steps=steps)
-        print(report)
+        steps = args.teacher_steps if args.teacher_steps is not None else default_steps
+        print(compare(cfg, pipeline_dir, out, teacher_steps=steps))
     return 0
 
 
@@ -128,12 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("config")
     pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. recipe.pairs.num_pairs=2048")
     pr.set_defaults(fn=cmd_pairs)
-    d = sub.add_parser("demo", help="distill the bundled digits teacher into a one-step student and evaluate it")
+    d = sub.add_parser("demo", help="distill a bundled teacher into a one-step student and evaluate it")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--task", choices=sorted(DEMO_CONFIG), default="digits",
+                   help="digits: the class-conditional digits teacher (recipes/NAME_digits.yaml, FD-digits); text: "
+                        "the text-to-image shapes teacher (recipes/NAME_text.yaml, agreement and FD-shapes)")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "
-                   "(default: the digits teacher's 20, docs/teacher.md)")
-    d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/NAME_digits.yaml runs (dmd2, scm, rcm, lcm)")
-    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/NAME_digits.yaml")
+                   "(default: 20 for both teachers, docs/teacher.md and docs/text_to_image.md)")
+    d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/NAME_<task>.yaml runs (digits: dmd2, scm, "
+                                                   "rcm, lcm, ...; text: dmd2)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/NAME_<task>.yaml")
     d.set_defaults(fn=cmd_demo)
     return p
 

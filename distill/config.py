@@ -119,8 +119,9 @@ class DataConfig(Section):
                               "(distill/latents.py); toy: 2-D points of the Gaussian mixture of distill/toy.py, "
                               "resolution unused)")
     prompts: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
-                                description="a text file, one prompt per line (DiT: one class index per line); "
-                                            "required with data.name: prompts, null otherwise")
+                                description="a text file, one prompt per line (DiT: one class index per line), or "
+                                            "`builtin:text_teacher/prompts.txt`; required with data.name: "
+                                            "prompts, null otherwise")
     images: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
                                description="a folder of images with metadata.jsonl (one JSON object per line: "
                                            "file_name, text); required with data.name: images, null otherwise")
@@ -482,8 +483,8 @@ def build_config(data: dict) -> Config:
     # before training, with the reason: no stock pipeline, a size it would not sample, classes it does not have
     check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction, resolution=cfg.data.resolution,
                      num_frames=cfg.data.num_frames,
-                     prompts=Path(cfg.data.prompts).expanduser() if cfg.data.prompts else None)
-    if cfg.data.prompts is not None and not Path(cfg.data.prompts).expanduser().is_file():
+                     prompts=resolve_path(cfg.data.prompts) if cfg.data.prompts else None)
+    if cfg.data.prompts is not None and not resolve_path(cfg.data.prompts).is_file():
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} is not a file (one prompt per line)")
     if cfg.data.images is not None:
         from distill.latents import check_image_data

@@ -100,11 +100,12 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
     if name == "prompts":
         from pathlib import Path
 
+        from distill.config import resolve_path
         from distill.targets import PromptDataset
 
         src = teacher.source
         device = next(teacher.model.parameters()).device
-        return PromptDataset(Path(src["folder"]), Path(data_config.prompts).expanduser(), resolution,
+        return PromptDataset(Path(src["folder"]), resolve_path(data_config.prompts), resolution,
                              Path(data_config.cache_dir).expanduser(), data_config.num_frames, teacher.prediction,
                              device)
     if name == "images":
