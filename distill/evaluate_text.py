@@ -2,8 +2,8 @@
 
 Both rows are sampled with plain diffusers: the teacher from its own folder (its `StableDiffusionPipeline` with its
 DPM-Solver++ scheduler, at `teacher.guidance_scale`), the student from its exported folder (one step, guidance off:
-the teacher's guidance was distilled in). Each draws 960 images, 20 per caption, from the same seeded generator,
-so the two rows start from the same latents. Scores come from the shapes judge (distill/shapes_judge.py);
+the teacher's guidance was distilled in). Each draws 960 images, 20 per caption, image i with seed 1234 + i, so
+image i of both rows starts from the same latents. Scores come from the shapes judge (distill/shapes_judge.py);
 FD-shapes is NOT Inception FID.
 """
 
@@ -29,18 +29,15 @@ GRID_COLUMNS = 8
 
 def pipeline_images(folder: str | Path, captions: list[str], seed: int, num_steps: int, guidance_scale: float,
                     batch_size: int = 240) -> torch.Tensor:
-    """Images in [-1, 1], (N, 3, H, W), from a text-to-image pipeline folder loaded with diffusers only."""
-    from diffusers import DiffusionPipeline
+    """Images in [-1, 1], (N, 3, H, W), from a text-to-image pipeline folder loaded with diffusers only, drawn
+    as the evaluation scripts draw them (`distill.t2i_eval.generate`: image i from its own generator seeded
+    seed + i, rounded to uint8 as a saved PNG is)."""
+    from distill.t2i_eval import CallSettings, generate, load_pipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(seed)
-    outs = []
-    for start in range(0, len(captions), batch_size):
-        out = pipe(list(captions[start:start + batch_size]), num_inference_steps=num_steps,
-                   guidance_scale=guidance_scale, generator=g, output_type="pt")
-        outs.append(out.images * 2 - 1)  # "pt" output is (N, C, H, W) in [0, 1]
-    return torch.cat(outs).float()
+    pipe = load_pipeline(folder)
+    settings = CallSettings(num_steps, guidance_scale, None, "distill demo --task text")
+    images = torch.cat([batch for _, batch in generate(pipe, captions, settings, seed, batch_size)])
+    return images.float() / 127.5 - 1.0
 
 
 def _plural(n: int) -> str:
