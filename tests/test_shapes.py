@@ -112,3 +112,32 @@ def test_fd_shapes_floor_and_ordering(judge):
         judge(judge.held_out[:100])
     with pytest.raises(ValueError, match=r"\(960, 3, 24, 24\)"):
         judge(torch.zeros(960, 1, 24, 24))
+
+
+def test_text_teacher_training_reads_only_the_train_split(tmp_path, monkeypatch):
+    """The digits protocol for the shapes: the teacher's script (VAE and UNet) never renders a reference image; its
+    output is a stock pipeline that plain diffusers loads."""
+    import importlib.util
+    import sys
+
+    from tiny import REPO
+
+    real = shapes._split
+
+    def train_only(split, count):
+        assert split == "train", f"a training path read the {split} split"
+        return real(split, count)
+
+    monkeypatch.setattr(shapes, "_split", train_only)
+    spec = importlib.util.spec_from_file_location("train_text_teacher", REPO / "scripts" / "train_text_teacher.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["train_text_teacher.py", "--out", str(tmp_path / "teacher"), "--vae-steps", "2",
+                                      "--steps", "2", "--batch-size", "4", "--vae-batch-size", "4", "--threads", "0"])
+    script.main()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    assert pipe.vae_scale_factor == 2 and (tmp_path / "teacher" / "prompts.txt").read_text().split("\n")[0] == CAPTIONS[0]
+    with pytest.raises(AssertionError, match="reference"):
+        shapes_split("reference", 1)
