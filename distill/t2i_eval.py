@@ -8,12 +8,12 @@ Nothing here downloads: pipelines and models are read from local folders only (`
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import random
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +97,10 @@ class CallSettings:
     guidance_scale: float | None
     size: int | None
     source: str
+    extra: dict = field(default_factory=dict)  # the export's other call arguments (PixArt: use_resolution_binning)
 
     def kwargs(self) -> dict:
-        out = {"num_inference_steps": self.steps}
+        out = {**self.extra, "num_inference_steps": self.steps}
         if self.guidance_scale is not None:
             out["guidance_scale"] = self.guidance_scale
         if self.size is not None:
@@ -118,10 +119,44 @@ def student_meta(folder: str | Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+#: arguments of an export's stated call that the CallSettings fields, the prompts or the batch carry
+_CALL_FIELDS = ("prompt", "class_labels", "batch_size", "num_inference_steps", "guidance_scale", "height", "width")
+
+
+def exported_call(folder: str | Path) -> dict:
+    """The keyword arguments of the call a distill export states in its `distill.json` (the model card's call, e.g.
+    `pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0, height=512, width=512,
+    use_resolution_binning=False)`), as Python values; {} for a folder without one."""
+    call = student_meta(folder).get("call", "")
+    if not call:
+        return {}
+    try:
+        node = ast.parse(call.strip(), mode="eval").body
+        if not isinstance(node, ast.Call):
+            raise ValueError("not a call")
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+    except (SyntaxError, ValueError) as err:
+        raise BadInput(f"{Path(folder) / 'distill.json'}: its 'call' is not a pipeline call with literal arguments "
+                       f"({err}): {call!r}") from None
+
+
 def exported_guidance(folder: str | Path) -> float | None:
     """The guidance_scale of the call a distill export states (guidance off, at the pipeline's value for off)."""
-    found = re.search(r"guidance_scale=([-+0-9.eE]+)", student_meta(folder).get("call", ""))
-    return float(found.group(1)) if found else None
+    value = exported_call(folder).get("guidance_scale")
+    return None if value is None else float(value)
+
+
+def exported_extra(folder: str | Path) -> dict:
+    """The export's call arguments beyond prompt, steps, guidance and size, which every call of the student must
+    repeat to sample what was trained (PixArt's `use_resolution_binning=False`: binning would resize to the
+    nearest aspect-ratio bin)."""
+    return {k: v for k, v in exported_call(folder).items() if k not in _CALL_FIELDS}
+
+
+def trained_steps(folder: str | Path) -> int | None:
+    """The step count a distill export was trained for (its `distill.json`), None for any other folder."""
+    steps = student_meta(folder).get("num_inference_steps")
+    return None if steps is None else int(steps)
 
 
 def _signature_default(pipe, name: str):
@@ -152,7 +187,10 @@ def call_settings(pipe, folder: str | Path, steps: int | None = None, guidance_s
     if guidance_scale is None:
         guidance_scale = _signature_default(pipe, "guidance_scale")
         sources.append("guidance: pipeline default")
-    return CallSettings(int(steps), guidance_scale, size, "; ".join(sources) or "flags")
+    extra = exported_extra(folder)
+    if extra:
+        sources.append("also " + ", ".join(f"{k}={v!r}" for k, v in extra.items()) + " from distill.json")
+    return CallSettings(int(steps), guidance_scale, size, "; ".join(sources) or "flags", extra)
 
 
 def generate(pipe, prompts: Sequence[str], settings: CallSettings, seed: int,

@@ -6,7 +6,10 @@
 The teacher runs at its default steps with its default classifier-free guidance (or --teacher-steps /
 --teacher-guidance), the student at each of --student-steps with guidance off (the guidance_scale in its
 distill.json call, else 1.0, which turns classifier-free guidance off in the SD1.5, SDXL and SD3 pipelines; a
-guidance-distilled Flux takes its embedded guidance from distill.json or --student-guidance). Each setting is called
+guidance-distilled Flux takes its embedded guidance from distill.json or --student-guidance), with the other
+arguments of its distill.json call (PixArt: use_resolution_binning=False). A distill export is refused at more
+steps than it was trained for; fewer are allowed (an LCMScheduler export then visits a subset of its trained times).
+Each setting is called
 --warmup times untimed and --repeats times timed on the same batch of prompts (the first --batch-size of the file);
 the figure is the median call. Printed per row: steps, whether CFG ran, NFE (network evaluations per image:
 steps x 2 with CFG), seconds per call, milliseconds per image, images per second, and the speed-up over the
@@ -25,9 +28,9 @@ import time
 
 import torch
 
-from distill.t2i_eval import (BadInput, CallSettings, add_device_args, call_settings, exported_guidance, format_table,
-                              load_pipeline, read_prompts, run_script, script_parser, student_meta, torch_dtype,
-                              write_json)
+from distill.t2i_eval import (BadInput, CallSettings, add_device_args, call_settings, exported_extra, exported_guidance,
+                              format_table, load_pipeline, read_prompts, run_script, script_parser, student_meta,
+                              torch_dtype, trained_steps, write_json)
 
 
 def timed_calls(pipe, prompts: list[str], settings: CallSettings, warmup: int, repeats: int, seed: int,
@@ -91,6 +94,11 @@ def run(args) -> int:
                                ("--warmup", args.warmup, 0), ("--student-steps", min(args.student_steps), 1)):
         if value < least:
             raise BadInput(f"{flag}: must be at least {least}, got {value}")
+    trained = trained_steps(args.student)
+    if trained is not None and max(args.student_steps) > trained:
+        raise BadInput(f"--student-steps: {max(args.student_steps)} steps asked, but {args.student} was trained for "
+                       f"{trained} step{'s' if trained > 1 else ''} (num_inference_steps in its distill.json); its "
+                       f"scheduler has no trained time for more. Ask for 1 to {trained}")
     prompts = read_prompts(args.prompts)
     batch = [prompts[i % len(prompts)] for i in range(args.batch_size)]
     dtype = torch_dtype(args.dtype, args.device)
@@ -110,7 +118,7 @@ def run(args) -> int:
     if guidance is None:
         guidance = 1.0 if exported_guidance(args.student) is None else exported_guidance(args.student)
     for k in args.student_steps:
-        settings = CallSettings(k, guidance, size, "student")
+        settings = CallSettings(k, guidance, size, "student", exported_extra(args.student))
         seconds, ran = timed_calls(student, batch, settings, args.warmup, args.repeats, args.seed, args.device)
         measured.append({"name": f"student {k} step{'s' if k > 1 else ''}", "seconds": seconds, "guidance": guidance,
                          **ran})

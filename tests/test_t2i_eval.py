@@ -210,6 +210,12 @@ def test_bench_speed_teacher_with_cfg_against_the_same_folder_at_fewer_steps(sd1
         bench.main([str(pipeline), str(pipeline), "--prompts", str(prompts), "--student-steps", "0"])
     with pytest.raises(SystemExit, match="not a diffusers pipeline folder"):
         bench.main([str(tmp_path), str(pipeline), "--prompts", str(prompts), "--repeats", "1", "--warmup", "0"])
+    one_step = tmp_path / "one_step"  # a distill export trained for one step, asked for two
+    one_step.mkdir()
+    (one_step / "distill.json").write_text(json.dumps({"num_inference_steps": 1, "call": "pipe(num_inference_steps=1)"}))
+    with pytest.raises(SystemExit, match=r"--student-steps: 2 steps asked, but .*one_step was trained for 1 step "
+                                         r"\(num_inference_steps in its distill.json\).*Ask for 1 to 1"):
+        bench.main([str(pipeline), str(one_step), "--prompts", str(prompts), "--student-steps", "1", "2"])
 
 
 def test_an_image_depends_on_its_seed_not_on_the_batch(sd15):
@@ -241,6 +247,29 @@ def test_a_distill_export_brings_its_steps_guidance_and_size(sd15, tmp_path):
     assert settings.kwargs() == {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 16, "width": 16}
     assert call_settings(pipe, student, steps=4, guidance_scale=2.0).kwargs()["guidance_scale"] == 2.0
     assert call_settings(pipe, pipeline).steps == 50  # StableDiffusionPipeline's default
+
+
+def test_the_exports_other_call_arguments_are_repeated_and_a_broken_call_is_named(tmp_path):
+    # PixArt's export states use_resolution_binning=False: without it the pipeline resizes to the nearest bin.
+    student = tmp_path / "student"
+    student.mkdir()
+    meta = {"num_inference_steps": 1, "resolution": 256,
+            "call": 'pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0, height=256, width=256, '
+                    'use_resolution_binning=False)'}
+    (student / "distill.json").write_text(json.dumps(meta))
+
+    class Pipe:  # call_settings reads only the signature's defaults, which every value above overrides
+        def __call__(self, prompt=None, num_inference_steps=20, guidance_scale=4.5):
+            pass
+
+    settings = call_settings(Pipe(), student)
+    assert settings.kwargs() == {"use_resolution_binning": False, "num_inference_steps": 1, "guidance_scale": 1.0,
+                                 "height": 256, "width": 256}
+    assert "use_resolution_binning=False from distill.json" in settings.source
+    assert call_settings(Pipe(), tmp_path).kwargs() == {"num_inference_steps": 20, "guidance_scale": 4.5}
+    (student / "distill.json").write_text(json.dumps({**meta, "call": "pipe(num_inference_steps=one)"}))
+    with pytest.raises(BadInput, match=r"distill.json: its 'call' is not a pipeline call with literal arguments"):
+        call_settings(Pipe(), student)
 
 
 def test_prompts_from_text_and_coco_captions(tmp_path):
