@@ -248,6 +248,11 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     return out_dir
 
 
+def none_kwargs(components: list[str]) -> str:
+    """`, text_encoder_3=None, tokenizer_3=None`: the from_pretrained arguments of components a folder lacks."""
+    return "".join(f", {name}=None" for name in components)
+
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
 
@@ -279,7 +284,7 @@ def add_lora(adapter, target, folder: Path, name: str, config: Any) -> None:
             f"{lora['r']} LoRA on `{teacher}` in diffusers' format (the folder above is the same student merged). "
             "Load it onto the teacher's pipeline and use this folder's scheduler:\n\n"
             "```python\nimport diffusers\nfrom diffusers import DiffusionPipeline\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\")\n"
+            f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\"{none_kwargs(meta.get('absent_components', []))})\n"
             f"pipe.load_lora_weights(\"{name}\")\n"
             f"pipe.scheduler = diffusers.{scheduler}.from_pretrained(\"{name}\", subfolder=\"scheduler\")\n"
             f"{output} = {meta['call']}.{output}\n```\n")
@@ -300,10 +305,13 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
     num_frames = getattr(getattr(config, "data", None), "num_frames", 1) if target.video else 1
     guidance = target.guidance_scale(src["network_config"])
     call = target.call(num_steps, resolution, guidance, num_frames)
+    absent = target.absent_components(tmp)  # loaded as None (SD3 without T5)
     meta = {"pipeline": target.pipeline, "num_inference_steps": num_steps, "trained_timesteps": times,
             "resolution": resolution, "num_frames": num_frames, "call": call, "output": target.output,
             "guidance_scale": guidance, "guidance": "none (CFG was distilled in)",
             "recipe": getattr(config, "recipe_name", None)}
+    if absent:
+        meta["absent_components"] = absent
     if target.packed and src["network_config"].get("guidance_embeds"):
         guidance_line = (f"- guidance: `guidance_scale={guidance}` is the embedded guidance the student was trained "
                          "with (Flux dev's default); the teacher's classifier-free guidance was distilled in\n")
@@ -317,7 +325,7 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
         f"# {num_steps}-step distilled student\n\n"
         f"Distilled with `distill` ({meta['recipe']}). A stock `{target.pipeline}` with `{type(target.scheduler(src['scheduler_config'], num_steps)).__name__}`; no custom code.\n\n"
         "```python\nfrom diffusers import DiffusionPipeline\n\n"
-        f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+        f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\"{none_kwargs(absent)})\n"
         f"{target.output} = {call}.{target.output}\n```\n\n"
         f"- steps: {num_steps}; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
         f"{['%.4g' % t for t in times]}\n"

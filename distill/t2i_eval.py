@@ -73,14 +73,16 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 def load_pipeline(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a local folder, with no safety checker (the FID protocol keeps it off) and no
-    progress bar."""
+    progress bar. Components the folder was saved without (model_index.json entry [null, null]: SD3 without T5)
+    are passed as None, as from_pretrained requires."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder).expanduser()
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise BadInput(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    extra = {"safety_checker": None} if "safety_checker" in json.loads(index_file.read_text()) else {}
+    index = json.loads(index_file.read_text())
+    extra = {k: None for k, v in index.items() if k == "safety_checker" or v == [None, None]}
     if dtype != torch.float32:  # float32 is the default; diffusers renames torch_dtype in recent versions
         extra["torch_dtype"] = dtype
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **extra)

@@ -295,6 +295,14 @@ class Target:
                     "aspect_ratio": torch.ones(n, 1)}
         return {}
 
+    def absent_components(self, folder: Path) -> list[str]:
+        """Components the pipeline requires that `folder` was saved without (SD3 without T5: `text_encoder_3`,
+        `tokenizer_3`): its `from_pretrained` call passes them as None (`text_encoder_3=None, ...`)."""
+        import diffusers
+
+        optional = getattr(getattr(diffusers, self.pipeline), "_optional_components", None) or []
+        return [k for k in _absent(folder) if k not in optional]
+
     # -- writing -------------------------------------------------------------------------------------------------
     def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict,
               scheduler=None) -> None:
