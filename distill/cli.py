@@ -4,10 +4,11 @@
     distill export RUN_DIR OUT_DIR           write the run's latest EMA student as a stock diffusers pipeline
     distill pairs CONFIG [key=value ...]     write the teacher ODE pair store of CONFIG's `recipe.pairs` (resumable;
                                              also under `accelerate launch -m distill.cli pairs ...`)
-    distill demo [--task digits|text] [--recipe NAME] [--out DIR] [key=value ...]
+    distill demo [--task digits|text|text-flow] [--recipe NAME] [--out DIR] [key=value ...]
                                              the main job: a recipe (default DMD2) on the bundled digits teacher,
                                              export, grid, FD-digits; `--task text`: on the bundled text-to-image
-                                             teacher, agreement and FD-shapes (docs/text_to_image.md)
+                                             teacher, agreement and FD-shapes (docs/text_to_image.md); `--task
+                                             text-flow`: the same on the bundled flow-matching (SD3) text teacher
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from distill.config import ConfigError, load_config
 
 #: the config each demo task runs, by recipe name
-DEMO_CONFIG = {"digits": "{recipe}_digits.yaml", "text": "{recipe}_text.yaml"}
+DEMO_CONFIG = {"digits": "{recipe}_digits.yaml", "text": "{recipe}_text.yaml", "text-flow": "{recipe}_text_flow.yaml"}
 
 
 def _setup_logging() -> None:
@@ -105,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
     if trainer.accelerator.is_main_process:
-        if args.task == "text":
+        if args.task in ("text", "text-flow"):
             from distill.evaluate_text import DEFAULT_TEXT_TEACHER_STEPS as default_steps
             from distill.evaluate_text import compare_text_teacher_student as compare
         else:
@@ -137,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--task", choices=sorted(DEMO_CONFIG), default="digits",
                    help="digits: the class-conditional digits teacher (recipes/NAME_digits.yaml, FD-digits); text: "
-                        "the text-to-image shapes teacher (recipes/NAME_text.yaml, agreement and FD-shapes)")
+                        "the text-to-image shapes teacher (recipes/NAME_text.yaml, agreement and FD-shapes); "
+                        "text-flow: the flow-matching (SD3) shapes teacher (recipes/NAME_text_flow.yaml)")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "
-                   "(default: 20 for both teachers, docs/teacher.md and docs/text_to_image.md)")
+                   "(default: 20 for every teacher, docs/teacher.md and docs/text_to_image.md)")
     d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/NAME_<task>.yaml runs (digits: dmd2, scm, "
-                                                   "rcm, lcm, ...; text: dmd2)")
+                                                   "rcm, lcm, ...; text, text-flow: dmd2)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/NAME_<task>.yaml")
     d.set_defaults(fn=cmd_demo)
     return p

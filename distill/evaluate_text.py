@@ -1,8 +1,9 @@
 """Teacher-versus-student evaluation of the text-to-image task (captioned shapes): agreement, FD-shapes, speed, grid.
 
-Both rows are sampled with plain diffusers: the teacher from its own folder (its `StableDiffusionPipeline` with its
-DPM-Solver++ scheduler, at `teacher.guidance_scale`), the student from its exported folder (one step, guidance off:
-the teacher's guidance was distilled in). Each draws 960 images, 20 per caption, image i with seed 1234 + i, so
+Both rows are sampled with plain diffusers: the teacher from its own folder (its pipeline and sampler: the VP
+teacher's `StableDiffusionPipeline` with DPM-Solver++, the flow teacher's `StableDiffusion3Pipeline` with the Euler
+flow sampler; at `teacher.guidance_scale`), the student from its exported folder (one step, guidance off: the
+teacher's guidance was distilled in). Each draws 960 images, 20 per caption, image i with seed 1234 + i, so
 image i of both rows starts from the same latents. Scores come from the shapes judge (distill/shapes_judge.py);
 FD-shapes is NOT Inception FID.
 """
@@ -17,7 +18,7 @@ import torch
 
 from distill.config import Config, resolve_path
 
-#: the text teacher's default sampling steps (DPM-Solver++(2M)); docs/text_to_image.md has its curve
+#: the text teachers' default sampling steps; docs/text_to_image.md has their curves
 DEFAULT_TEXT_TEACHER_STEPS = 20
 #: the captions of the grid's rows (one teacher row and one student row each): every shape, colour and position
 GRID_CAPTIONS = ("a red circle at the top left", "a green square at the top right",
@@ -35,7 +36,7 @@ def pipeline_images(folder: str | Path, captions: list[str], seed: int, num_step
     from distill.t2i_eval import CallSettings, generate, load_pipeline
 
     pipe = load_pipeline(folder)
-    settings = CallSettings(num_steps, guidance_scale, None, "distill demo --task text")
+    settings = CallSettings(num_steps, guidance_scale, None, "distill demo --task text / text-flow")
     images = torch.cat([batch for _, batch in generate(pipe, captions, settings, seed, batch_size)])
     return images.float() / 127.5 - 1.0
 

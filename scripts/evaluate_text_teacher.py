@@ -1,9 +1,11 @@
-"""The text teacher's curve: agreement and FD-shapes against sampling steps and guidance, from its own stock pipeline.
+"""A text teacher's curve: agreement and FD-shapes against sampling steps and guidance, from its own stock pipeline.
 
     python scripts/evaluate_text_teacher.py --steps 5 10 20 --guidance 1 2 3 5 --threads 1
+    python scripts/evaluate_text_teacher.py --teacher builtin:flow_text_teacher --steps 20 28 --guidance 1 2 --threads 1
 
-Each row samples the judge's 960 protocol captions (20 per caption) with the teacher folder's
-`StableDiffusionPipeline` (DPM-Solver++(2M)), seed 1234, and scores them with the shapes judge
+Each row samples the judge's 960 protocol captions (20 per caption) with the teacher folder's own pipeline and
+sampler (the VP `text_teacher`: StableDiffusionPipeline, DPM-Solver++(2M); the `flow_text_teacher`:
+StableDiffusion3Pipeline, flow-matching Euler), seed 1234, and scores them with the shapes judge
 (distill/shapes_judge.py; FD-shapes is not Inception FID). Prints a markdown table.
 """
 
