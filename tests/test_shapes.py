@@ -114,13 +114,19 @@ def test_fd_shapes_floor_and_ordering(judge):
         judge(torch.zeros(960, 1, 24, 24))
 
 
-def test_text_teacher_training_reads_only_the_train_split(tmp_path, monkeypatch):
-    """The digits protocol for the shapes: the teacher's script (VAE and UNet) never renders a reference image; its
-    output is a stock pipeline that plain diffusers loads."""
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_text_teacher_training_reads_only_the_train_split(family, tmp_path, monkeypatch):
+    """The digits protocol for the shapes: the teacher's script (VAE and network) never renders a reference image;
+    its output is a stock pipeline that plain diffusers loads. The flow (sd3) teacher reuses the VP teacher's VAE
+    and trains its transformer on the pipeline's 256 zero rows fed as one token (RepeatedLastToken): the script
+    checks that this equals the stock call on all rows, and records the difference."""
     import importlib.util
+    import json
     import sys
 
     from tiny import REPO
+
+    from distill.config import ASSETS
 
     real = shapes._split
 
@@ -132,12 +138,21 @@ def test_text_teacher_training_reads_only_the_train_split(tmp_path, monkeypatch)
     spec = importlib.util.spec_from_file_location("train_text_teacher", REPO / "scripts" / "train_text_teacher.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    monkeypatch.setattr(sys, "argv", ["train_text_teacher.py", "--out", str(tmp_path / "teacher"), "--vae-steps", "2",
+    out = tmp_path / "teacher"
+    family_args = ["--vae", str(ASSETS / "text_teacher")] if family == "sd3" else ["--vae-steps", "2"]
+    monkeypatch.setattr(sys, "argv", ["train_text_teacher.py", "--family", family, "--out", str(out), *family_args,
                                       "--steps", "2", "--batch-size", "4", "--vae-batch-size", "4", "--threads", "0"])
     script.main()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
-    assert pipe.vae_scale_factor == 2 and (tmp_path / "teacher" / "prompts.txt").read_text().split("\n")[0] == CAPTIONS[0]
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+        assert pipe.transformer.config.patch_size == 2 and pipe.scheduler.config.shift == 1.0
+        info = json.loads((out / "training_args.json").read_text())
+        assert 0 <= info["repeated_token_max_error"] < 1e-5 < 1e-2 < info["single_token_max_difference"]
+        assert pipe.vae.config.scaling_factor == pytest.approx(info["vae_scaling_factor"])
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae_scale_factor == 2 and (out / "prompts.txt").read_text().split("\n")[0] == CAPTIONS[0]
     with pytest.raises(AssertionError, match="reference"):
         shapes_split("reference", 1)
