@@ -391,6 +391,8 @@ def main() -> None:
         cond = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[k].expand_as(v), v) for k, v in picked.items()}
         with repeated:
             loss = loss_fn(teacher, latents[idx], cond).mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite {args.family} teacher loss at step {step}: {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(teacher.model.parameters(), 1.0)
