@@ -13,6 +13,10 @@ The classifier is trained on the train split only (`scripts/train_shapes_judge.p
 
     judge = ShapesJudge()
     judge.report(images, captions)   # {"agreement", "shape", "colour", "position", "fd_shapes", ...}
+
+`shapes_features` is the same feature network for the user-facing COCO-protocol script, so it scores a shapes
+pipeline in FD-shapes features: `python scripts/eval_fid.py PIPELINE --prompts P --reference PNGS --resolution 24
+--feature-module distill.shapes_judge:shapes_features` (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distill.metrics import ClassifierFeatureNet, ConvClassifier, FrechetJudge, load_classifier
 from distill.shapes import ATTRIBUTES, RESOLUTION, SPLITS, attributes_of, shapes_split
@@ -96,3 +101,24 @@ class ShapesJudge(FrechetJudge):
         return {**self.attribute_scores(images, captions), "fd_shapes": self(images), "precision": precision,
                 "recall": recall}
 
+
+
+class ShapesFeatures(nn.Module):
+    """The judge's 64 features of uint8 images (N, 3, 24, 24), mapped to [-1, 1] as the judge reads them: the
+    `--feature-module` contract of scripts/eval_fid.py."""
+
+    def __init__(self, classifier: ShapesClassifier | None = None) -> None:
+        super().__init__()
+        self.net = ClassifierFeatureNet(classifier if classifier is not None else load_shapes_classifier())
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, RESOLUTION, RESOLUTION):
+            raise ValueError(f"shapes features take uint8 images (N, 3, {RESOLUTION}, {RESOLUTION}); got "
+                             f"{tuple(images.shape)} {images.dtype} (eval_fid.py: pass --resolution {RESOLUTION})")
+        return self.net(images.float() / 127.5 - 1.0)
+
+
+def shapes_features() -> ShapesFeatures:
+    """The factory `scripts/eval_fid.py --feature-module distill.shapes_judge:shapes_features` calls."""
+    return ShapesFeatures().eval()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distill import shapes
 from distill.shapes import CAPTIONS, COMBINATIONS, NUM_CAPTIONS, SPLITS, attributes_of, caption, shapes_split
-from distill.shapes_judge import JUDGE_COUNT, SHAPES_JUDGE_DIR, ShapesJudge
+from distill.shapes_judge import JUDGE_COUNT, SHAPES_JUDGE_DIR, ShapesJudge, shapes_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +98,19 @@ def test_judge_reads_real_held_out_images(judge):
     assert judge.attribute_scores(noise, captions)["agreement"] < 0.2
     with pytest.raises(ValueError, match="captions"):
         judge.attribute_scores(reference, captions[:-1])
+
+
+def test_eval_fid_feature_module_gives_the_judges_features(judge):
+    # scripts/eval_fid.py --feature-module distill.shapes_judge:shapes_features reads PNGs as uint8: the features
+    # of the rounded images are the judge's features of the same rounded images, so its distance is FD-shapes.
+    images = shapes_split("reference", 64)[0]
+    as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    features = shapes_features()(as_uint8)
+    assert features.shape == (64, 64)
+    assert torch.allclose(features.double(), judge.features(as_uint8.float() / 127.5 - 1).double(), atol=1e-6)
+    assert (features - judge.features(images)).abs().max() < 0.05 * features.abs().max()  # rounding moves it little
+    with pytest.raises(ValueError, match=r"uint8 images \(N, 3, 24, 24\); got \(2, 3, 32, 32\).*--resolution 24"):
+        shapes_features()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_fd_shapes_floor_and_ordering(judge):

@@ -74,9 +74,11 @@ def test_fid_of_a_set_against_itself_is_zero_and_matches_the_closed_form(sd15, t
     assert abs(result["fid"]) < 1e-6 and result["generated"] == result["reference_count"] == 8
     assert "FD (custom features)" in printed and "generated vs reference" in printed and "floor" in printed
     assert "2 steps" in printed and "image i: seed 7 + i" in printed
-    # The floor: even-numbered reference images against odd-numbered ones, by the formula.
+    # The floor: a seeded random half of the reference against the other half, by the formula.
     feats = _features(tmp_path / "ref", 12)
-    assert result["floor"] == pytest.approx(_frechet(feats[0::2], feats[1::2]), rel=1e-6, abs=1e-9)
+    half = fid.floor_halves(8).numpy()
+    assert half.sum() == 4 and not (half == (np.arange(8) % 2 == 0)).all()  # not the parity split
+    assert result["floor"] == pytest.approx(_frechet(feats[half], feats[~half]), rel=1e-6, abs=1e-9)
     assert result["floor_counts"] == [4, 4]
 
     # A shifted reference (brighter): larger, and equal to the closed form on the features.
