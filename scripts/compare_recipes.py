@@ -10,9 +10,12 @@ which the export tests show equals its exported pipeline called with `num_infere
 class, averaged over classes) and training seconds. The real train half gives the reference row.
 
 Resumable: results live in `<out>/compare/results.json`, keyed by recipe, steps and budget; a measured entry is
-not rerun. One progress line per student.
+not rerun. One progress line per student. Cells trained in parallel, each process with its own `--out`, join the
+table with `--merge`: their entries and grids are copied in, and an entry that differs from one already held under
+the same key is refused (naming both files) rather than overwritten.
 
     OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 [--recipes dmd2 phased_dmd]
+    python scripts/compare_recipes.py --report-only --merge /tmp/cells_a /tmp/cells_b   # then commit docs/
 """
 
 from __future__ import annotations
@@ -91,6 +94,38 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
     return report
 
 
+def merge_results(results: dict[str, dict], sources: list[Path], results_file: Path, grids: Path) -> int:
+    """Copy into `results` (and `grids`) the entries and grids of other `--out` folders; returns how many were new.
+
+    An entry already held under the same key must be identical: two different measurements of one cell are an error
+    naming both files, never a silent overwrite.
+    """
+    import shutil
+
+    added = 0
+    for source in sources:
+        file = source / "compare" / "results.json" if source.is_dir() else source
+        if not file.is_file():
+            raise SystemExit(f"--merge: no results file at {file}")
+        try:
+            theirs = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--merge: {file} is not JSON ({e})") from None
+        if not isinstance(theirs, dict):
+            raise SystemExit(f"--merge: {file} holds a {type(theirs).__name__}, not a results object")
+        for key, entry in theirs.items():
+            if key in results and results[key] != entry:
+                raise SystemExit(f"--merge: {key!r} differs between {file} and {results_file}; remove one of them")
+            added += key not in results
+            results[key] = entry
+        for grid in sorted((file.parent / "grids").glob("*.png")):
+            target = grids / grid.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(grid, target)
+    return added
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
                size: tuple[int, int] = (480, 320)) -> Path:
     """A small PNG line chart (PIL): one line per name, x = steps."""
@@ -164,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: write the table and plots from what results.json holds (every --set, each "
                          "its own row), e.g. after merging the results of runs made in parallel")
+    ap.add_argument("--merge", nargs="+", type=Path, default=[], metavar="OUT",
+                    help="first copy in the results and grids of other --out folders (or results.json files), e.g. "
+                         "cells trained in parallel; an entry that differs from one held under the same key is refused")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every run (e.g. teacher.path=... for a test teacher)")
     args = ap.parse_args(argv)
@@ -179,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     names = list(configs)
     results_file = args.out / "compare" / "results.json"
     results: dict[str, dict] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.merge:
+        added = merge_results(results, args.merge, results_file, args.out / "compare" / "grids")
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"merged {added} new entries from {len(args.merge)} folder(s)", flush=True)
     judge = FDDigits(resolution=16)
     from distill.data import digits_split
 

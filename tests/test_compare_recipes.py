@@ -83,3 +83,45 @@ def test_class_diversity_closed_form():
     feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0], [10.0, 0.0]])
     labels = torch.tensor([0, 0, 1, 1])
     assert compare.class_diversity(feats, labels) == pytest.approx((5.0 + 0.0) / 2)
+
+
+def _entry(recipe: str, steps: int, fd: float) -> dict:
+    return {"fd_digits": fd, "precision": 0.8, "recall": 0.8, "accuracy": 0.97, "diversity": 6.9, "recipe": recipe,
+            "steps": steps, "budget": 400, "train_seconds": 10.0, "label": recipe}
+
+
+def test_merge_joins_parallel_cells_and_refuses_a_conflict(tmp_path, capsys):
+    compare = _script("compare_recipes")
+    held = {"dmd2|steps=1|budget=400|set=": _entry("dmd2", 1, 1.9)}
+    a = {"phased_dmd|steps=2|budget=400|set=": _entry("phased_dmd", 2, 1.5), **held}  # repeats an entry, identical
+    b = {"dmd2|steps=2|budget=400|set=": _entry("dmd2", 2, 1.6)}
+    out = tmp_path / "docs"
+    for folder, entries in ((out, held), (tmp_path / "a", a), (tmp_path / "b", b)):
+        (folder / "compare" / "grids").mkdir(parents=True)
+        (folder / "compare" / "results.json").write_text(json.dumps(entries))
+    (tmp_path / "a" / "compare" / "grids" / "phased_dmd_2step.png").write_bytes(b"grid of a")
+    (out / "compare" / "grids" / "dmd2_1step.png").write_bytes(b"kept")
+    (tmp_path / "b" / "compare" / "grids" / "dmd2_1step.png").write_bytes(b"not copied over the held grid")
+
+    assert compare.main(["--report-only", "--budget", "400", "--out", str(out),
+                         "--merge", str(tmp_path / "a"), str(tmp_path / "b" / "compare" / "results.json")]) == 0
+    assert "merged 2 new entries from 2 folder(s)" in capsys.readouterr().out
+    merged = json.loads((out / "compare" / "results.json").read_text())
+    assert merged == {**held, **a, **b}
+    assert (out / "compare" / "grids" / "phased_dmd_2step.png").read_bytes() == b"grid of a"
+    assert (out / "compare" / "grids" / "dmd2_1step.png").read_bytes() == b"kept"
+    table = (out / "compare_recipes.md").read_text()
+    assert "`OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 --out" in table
+    assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith(("| dmd2", "| phased"))] == [
+        "1.900", "1.600", "1.500"]
+
+    # The same cell measured twice with other figures: refused, naming the key and both files; nothing written.
+    (tmp_path / "c" / "compare").mkdir(parents=True)
+    (tmp_path / "c" / "compare" / "results.json").write_text(
+        json.dumps({"dmd2|steps=2|budget=400|set=": _entry("dmd2", 2, 1.7)}))
+    before = (out / "compare" / "results.json").read_text()
+    with pytest.raises(SystemExit, match=r"'dmd2\|steps=2\|budget=400\|set=' differs between .*c/compare/results.json"):
+        compare.main(["--report-only", "--out", str(out), "--merge", str(tmp_path / "c")])
+    assert (out / "compare" / "results.json").read_text() == before
+    with pytest.raises(SystemExit, match="--merge: no results file at .*nowhere"):
+        compare.main(["--report-only", "--out", str(out), "--merge", str(tmp_path / "nowhere")])
