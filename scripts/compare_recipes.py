@@ -31,7 +31,9 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
+           (0, 110, 60), (200, 0, 200), (160, 120, 0), (0, 150, 150), (90, 90, 220), (240, 80, 120),
+           (100, 60, 20), (0, 0, 0)]
 
 
 def digits_configs() -> dict[str, Path]:
@@ -126,20 +128,49 @@ def merge_results(results: dict[str, dict], sources: list[Path], results_file: P
     return added
 
 
+def y_range(values: list[float]) -> tuple[float, float]:
+    """The plotted y range: every value, unless some lie far above the rest (past the upper outlier fence
+    q3 + 3 (q3 - q1), and at least 0.5 x the spread above the largest value below it); those are drawn at the top
+    edge with their value written, so one collapsed student does not flatten every other line."""
+    ys = sorted(values)
+    lo, hi = ys[0], ys[-1]
+    if len(ys) >= 4:
+        q1, q3 = ys[len(ys) // 4], ys[(3 * len(ys)) // 4]
+        inside = [y for y in ys if y <= q3 + 3 * (q3 - q1)]
+        top = inside[-1]
+        if hi > top + 0.5 * (top - lo) + 1e-9:
+            hi = top + 0.1 * max(top - lo, 1e-3)  # headroom for the off-scale markers
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
+
+
+def legend_name(label: str) -> str:
+    """'fdistill (recipe.divergence=forward_kl)' -> 'fdistill, divergence=forward_kl' (the key's last part)."""
+    if " (" not in label or not label.endswith(")"):
+        return label
+    name, sets = label[:-1].split(" (", 1)
+    return ", ".join([name] + [f"{o.split('=', 1)[0].split('.')[-1]}={o.split('=', 1)[1]}" if "=" in o else o
+                              for o in sets.split()])
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
-               size: tuple[int, int] = (480, 320)) -> Path:
-    """A small PNG line chart (PIL): one line per name, x = steps."""
-    w, h = size
-    left, right, top, bottom = 48, 130, 24, 32
-    img = Image.new("RGB", size, "white")
+               reference: float | None = None, size: tuple[int, int] = (640, 360)) -> Path:
+    """A small PNG line chart (PIL): one line per name, x = steps; `reference` is drawn as a grey line (the
+    floor); values far above the rest are marked at the top edge with their value (`y_range`)."""
+    names = sorted(series)
+    legend = [legend_name(n) for n in names]
+    left, top, bottom = 48, 24, 32
+    measure_text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    right = 24 + int(max([measure_text(t) for t in legend] + [40]))  # the legend's width
+    w, h = max(size[0], left + 240 + right), max(size[1], top + bottom + 14 * len(names) + 8)
+    img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     xs = sorted({x for pts in series.values() for x, _ in pts}) or [1]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    y_lo, y_hi = min(ys), max(ys)
-    if y_hi - y_lo < 1e-9:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    ys = [y for pts in series.values() for _, y in pts] + ([reference] if reference is not None else [])
+    y_lo, y_hi = y_range(ys or [0.0, 1.0])
     px = lambda x: left + (xs.index(x) / max(len(xs) - 1, 1)) * (w - left - right)  # noqa: E731
-    py = lambda y: top + (1 - (y - y_lo) / (y_hi - y_lo)) * (h - top - bottom)  # noqa: E731
+    py = lambda y: top + (1 - (min(y, y_hi) - y_lo) / (y_hi - y_lo)) * (h - top - bottom)  # noqa: E731
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     for x in xs:
         draw.text((px(x) - 3, h - bottom + 4), str(int(x)), fill="black")
@@ -147,15 +178,23 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
         y = y_lo + frac * (y_hi - y_lo)
         draw.text((2, py(y) - 6), f"{y:.3g}", fill="black")
     draw.text((left, 4), f"{title} ({ylabel} against steps)", fill="black")
-    for i, (name, pts) in enumerate(sorted(series.items())):
+    if reference is not None:
+        for x0 in range(left, w - right, 8):  # dashed
+            draw.line([(x0, py(reference)), (min(x0 + 4, w - right), py(reference))], fill=(150, 150, 150))
+        draw.text((left + 4, py(reference) - 12), f"real half B {reference:.3g}", fill=(110, 110, 110))
+    for i, name in enumerate(names):
         colour = COLOURS[i % len(COLOURS)]
-        pts = sorted(pts)
+        pts = sorted(series[name])
         coords = [(px(x), py(y)) for x, y in pts]
         if len(coords) > 1:
             draw.line(coords, fill=colour, width=2)
-        for cx, cy in coords:
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.text((w - right + 8, top + 14 * i), name, fill=colour)
+        for (cx, cy), (_, y) in zip(coords, pts):
+            if y > y_hi:  # off-scale: a triangle at the top edge and the value
+                draw.polygon([(cx - 5, cy + 6), (cx + 5, cy + 6), (cx, cy - 2)], fill=colour)
+                draw.text((cx + 7, cy), f"{y:.3g}", fill=colour)
+            else:
+                draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.text((w - right + 8, top + 14 * i), legend[i], fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
@@ -186,7 +225,7 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             series.setdefault(r.get("label", r["recipe"]), []).append((r["steps"], r[key]))
-        line_chart(series, out / "compare" / f"{key}.png", "digits teacher", label)
+        line_chart(series, out / "compare" / f"{key}.png", "digits teacher", label, reference=reference[key])
 
 
 def main(argv: list[str] | None = None) -> int:

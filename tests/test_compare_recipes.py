@@ -125,3 +125,20 @@ def test_merge_joins_parallel_cells_and_refuses_a_conflict(tmp_path, capsys):
     assert (out / "compare" / "results.json").read_text() == before
     with pytest.raises(SystemExit, match="--merge: no results file at .*nowhere"):
         compare.main(["--report-only", "--out", str(out), "--merge", str(tmp_path / "nowhere")])
+
+
+def test_plot_range_marks_a_collapsed_student_instead_of_flattening_the_rest():
+    compare = _script("compare_recipes")
+    clustered = [1.47, 1.51, 1.63, 1.74, 1.80, 1.81, 1.82, 1.87, 1.95]
+    lo, hi = compare.y_range(clustered + [8.62])  # Decoupled DMD's collapse, far past the outlier fence
+    assert lo == 1.47 and 1.95 < hi < 2.1
+    assert compare.y_range(clustered) == (1.47, 1.95)  # nothing far out: every value in range, no headroom
+    assert compare.y_range([1.0, 2.0, 3.0, 4.0, 5.0]) == (1.0, 5.0)  # evenly spread: nothing is an outlier
+    assert compare.y_range([2.0]) == (1.5, 2.5)
+
+
+def test_legend_names_shorten_the_set_keys():
+    compare = _script("compare_recipes")
+    assert compare.legend_name("dmd2") == "dmd2"
+    assert compare.legend_name("fdistill (recipe.divergence=forward_kl)") == "fdistill, divergence=forward_kl"
+    assert compare.legend_name("x (recipe.ca_min_t=0.02 teacher.path=/a/b)") == "x, ca_min_t=0.02, path=/a/b"
