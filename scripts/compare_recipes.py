@@ -15,7 +15,7 @@ table with `--merge`: their entries and grids are copied in, and an entry that d
 the same key is refused (naming both files) rather than overwritten.
 
     OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 [--recipes dmd2 phased_dmd]
-    python scripts/compare_recipes.py --report-only --merge /tmp/cells_a /tmp/cells_b   # then commit docs/
+    python scripts/compare_recipes.py --report-only --budget 400 --merge /tmp/cells_a /tmp/cells_b   # then commit docs/
 """
 
 from __future__ import annotations
