@@ -12,9 +12,13 @@ class, averaged over classes) and training seconds. The real train half gives th
 Resumable: results live in `<out>/compare/results.json`, keyed by recipe, steps and budget; a measured entry is
 not rerun. One progress line per student. Cells trained in parallel, each process with its own `--out`, join the
 table with `--merge`: their entries and grids are copied in, and an entry that differs from one already held under
-the same key is refused (naming both files) rather than overwritten.
+the same key is refused (naming both files) rather than overwritten. `--jobs N` does that in one command: N cells at
+a time, each a child process of this script on one thread with its own `--out`, merged into the table as each ends
+(the pair stores the pair-trained recipes share are made first, once, before any child starts). Each cell runs on
+one thread either way, so a cell's figures do not depend on N.
 
-    OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 [--recipes dmd2 phased_dmd]
+    python scripts/compare_recipes.py --budget 400 --steps 1 2 4 --jobs 2 [--recipes dmd2 phased_dmd]
+    OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4   # the same cells, one at a time
     python scripts/compare_recipes.py --report-only --budget 400 --merge /tmp/cells_a /tmp/cells_b   # then commit docs/
 """
 
@@ -22,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -209,7 +216,8 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
              "a class. The real train half B is the reference row (the floor).", "",
              f"Command: `{command}`" + ("; a row labelled `NAME (KEY=VALUE)` is the same command with `--recipes NAME "
                                         "--set KEY=VALUE`" if any("label" in r and r["label"] != r["recipe"]
-                                                                 for r in rows) else ""), "",
+                                                                 for r in rows) else "")
+             + " (`--jobs N` measures N cells at a time, each on one thread as here: the same figures)", "",
              "| recipe | steps | updates | train s | FD-digits | accuracy | precision | recall | diversity |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| real half B (floor) | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
@@ -228,6 +236,68 @@ def write_outputs(results: dict[str, dict], reference: dict, out: Path, command:
         line_chart(series, out / "compare" / f"{key}.png", "digits teacher", label, reference=reference[key])
 
 
+def progress_line(r: dict) -> str:
+    return (f"FD-digits {r['fd_digits']:.3f}, accuracy {r['accuracy']:.3f}, precision {r['precision']:.3f}, recall "
+            f"{r['recall']:.3f}, diversity {r['diversity']:.3f}, {r['train_seconds']:.0f}s")
+
+
+def cell_command(name: str, steps: int, args, out: Path) -> list[str]:
+    """The child process that measures one cell: this script on that recipe and step count, into `out`."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--recipes", name, "--steps", str(steps),
+               "--seed", str(args.seed), "--out", str(out)]
+    command += ["--budget", str(args.budget)] if args.budget is not None else []
+    return command + (["--set", *args.set] if args.set else [])
+
+
+def run_in_parallel(cells: list[tuple[int, str, int]], total: int, jobs: int, args, configs: dict[str, Path],
+                    results: dict[str, dict], results_file: Path, tmp: Path) -> int:
+    """Measure `cells` ((index, name, steps), none measured yet) `jobs` at a time, each in a child process of this
+    script (one thread, its own --out under `tmp`); each child's entry and grid join `results` as it ends. Returns
+    how many cells failed (each said with its log's last lines; the others go on)."""
+    from distill.config import ConfigError, load_config
+    from distill.pairs import ensure_store
+
+    for name in dict.fromkeys(name for _, name, _ in cells):  # shared pair stores: made here once, not raced for
+        try:
+            ensure_store(load_config(configs[name], list(args.set)))
+        except ConfigError:
+            pass  # the child says it, as a cell that was not run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending, running, failed = list(cells), [], 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            i, name, k = pending.pop(0)
+            out = tmp / f"cell{i}"
+            out.mkdir()
+            log = open(out / "log.txt", "w")
+            running.append((i, name, k, out, log, subprocess.Popen(cell_command(name, k, args, out), stdout=log,
+                                                                    stderr=subprocess.STDOUT,
+                                                                    env=env, cwd=Path.cwd())))
+            print(f"[{i + 1}/{total}] {name} {k}-step: started (log {out / 'log.txt'})", flush=True)
+        time.sleep(0.2)
+        for cell in [c for c in running if c[5].poll() is not None]:
+            running.remove(cell)
+            i, name, k, out, log, child = cell
+            log.close()
+            text = (out / "log.txt").read_text()
+            theirs = out / "compare" / "results.json"
+            if child.returncode != 0:
+                failed += 1
+                tail = "\n    ".join(text.strip().splitlines()[-5:])
+                print(f"[{i + 1}/{total}] {name} {k}-step: FAILED (exit {child.returncode}), last lines of its log:"
+                      f"\n    {tail}", flush=True)
+            elif not theirs.is_file():  # the child said why (e.g. a one-step-only recipe asked for 2 steps)
+                said = [line for line in text.splitlines() if "not run" in line]
+                print(f"[{i + 1}/{total}] {name} {k}-step: " + (said[-1].split(": ", 1)[1] if said else "no result"),
+                      flush=True)
+            else:
+                merge_results(results, [out], results_file, results_file.parent / "grids")
+                results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
+                (r,) = json.loads(theirs.read_text()).values()
+                print(f"[{i + 1}/{total}] {name} {k}-step: {progress_line(r)}", flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=None, help="generator updates per student (default: each config's)")
@@ -243,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                          "cells trained in parallel; an entry that differs from one held under the same key is refused")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every run (e.g. teacher.path=... for a test teacher)")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="cells measured at a time, each a child process on one thread (default 1: in this process)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs: expected a count of 1 or more, got {args.jobs}")
     torch.set_num_threads(1)
     from distill.config import ConfigError
     from distill.metrics import FDDigits
@@ -268,14 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     reference = judge.report(held_out, held_labels)
     reference["diversity"] = class_diversity(judge.features(held_out), held_labels)
     todo = [] if args.report_only else [(n, k) for n in names for k in args.steps]
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp:
+        cells = []
         for i, (name, k) in enumerate(todo):
             key = f"{name}|steps={k}|budget={args.budget}|set={' '.join(args.set)}"
             if key in results:
                 r = results[key]
                 print(f"[{i + 1}/{len(todo)}] {name} {k}-step: measured before (FD-digits {r['fd_digits']:.3f}), "
                       "skipped", flush=True)
-                continue
+            else:
+                cells.append((i, name, k, key))
+        if args.jobs > 1 and len(cells) > 1:
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            failed = run_in_parallel([(i, name, k) for i, name, k, _ in cells], len(todo), args.jobs, args, configs,
+                                     results, results_file, Path(tmp))
+            cells = []
+        for i, name, k, key in cells:
             try:
                 r = measure(name, configs[name], k, args.budget, judge, args.seed, Path(tmp), args.set,
                             args.out / "compare" / "grids")
@@ -286,9 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = r
             results_file.parent.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
-            print(f"[{i + 1}/{len(todo)}] {name} {k}-step: FD-digits {r['fd_digits']:.3f}, accuracy "
-                  f"{r['accuracy']:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}, diversity "
-                  f"{r['diversity']:.3f}, {r['train_seconds']:.0f}s", flush=True)
+            print(f"[{i + 1}/{len(todo)}] {name} {k}-step: {progress_line(r)}", flush=True)
     this_set = f"|set={' '.join(args.set)}"
     selected = {k: v for k, v in results.items()
                 if v["recipe"] in names and v["steps"] in args.steps and (args.report_only or k.endswith(this_set))
@@ -301,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                   if args.out != REPO / "docs" else ""))
     write_outputs(selected, reference, args.out, command)
     print(f"wrote {args.out / 'compare_recipes.md'}")
-    return 0
+    if failed:
+        print(f"{failed} cell(s) failed (said above); rerun the same command to measure them, the rest is kept")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -142,3 +142,63 @@ def test_legend_names_shorten_the_set_keys():
     assert compare.legend_name("dmd2") == "dmd2"
     assert compare.legend_name("fdistill (recipe.divergence=forward_kl)") == "fdistill, divergence=forward_kl"
     assert compare.legend_name("x (recipe.ca_min_t=0.02 teacher.path=/a/b)") == "x, ca_min_t=0.02, path=/a/b"
+
+
+def test_jobs_runs_cells_in_child_processes_with_the_same_figures(tiny_teacher, tmp_path, capsys):
+    """--jobs 2: each cell a child process on one thread, merged as it ends; the figures are those of the same cells
+    measured one at a time in this process, and a measured cell is not given to a child again."""
+    compare = _script("compare_recipes")
+    common = ["--budget", "1", "--recipes", "dmd2", "phased_dmd", "--set", f"teacher.path={tiny_teacher}",
+              "data.batch_size=4"]
+    assert compare.main([*common, "--steps", "2", "--out", str(tmp_path / "serial")]) == 0
+    serial = json.loads((tmp_path / "serial" / "compare" / "results.json").read_text())
+    capsys.readouterr()
+
+    out = tmp_path / "parallel"
+    (out / "compare").mkdir(parents=True)
+    held = {"dmd2|steps=1|budget=1|set=" + " ".join(common[-2:]): _entry("dmd2", 1, 9.0)}  # measured before
+    (out / "compare" / "results.json").write_text(json.dumps(held))
+    assert compare.main([*common, "--steps", "1", "2", "--jobs", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "[1/4] dmd2 1-step: measured before" in said and "dmd2 1-step: started" not in said
+    assert said.count("started (log") == 3 and said.count("FD-digits") == 4  # 3 children + the held entry
+    parallel = json.loads((out / "compare" / "results.json").read_text())
+    assert set(parallel) == set(held) | set(serial) | {"phased_dmd|steps=1|budget=1|set=" + " ".join(common[-2:])}
+    for key, r in serial.items():
+        assert {a: b for a, b in parallel[key].items() if a != "train_seconds"} == {
+            a: b for a, b in r.items() if a != "train_seconds"}, key
+    assert parallel[next(iter(held))] == next(iter(held.values()))
+    assert len(list((out / "compare" / "grids").glob("*.png"))) == 3
+    assert "(`--jobs N` measures N cells at a time" in (out / "compare_recipes.md").read_text()
+
+
+def test_jobs_says_a_failed_cell_and_exits_nonzero(tiny_teacher, tmp_path, capsys, monkeypatch):
+    """A child that crashes is said with its log's last lines, the other cells go on and the exit status is 1; a cell
+    refused by config validation (here a corrupt teacher weights file) is 'not run', not a failure."""
+    import shutil
+    import sys
+
+    compare = _script("compare_recipes")
+    real = compare.cell_command
+    crash = [sys.executable, "-c", "import sys; print('RuntimeError: out of memory in phased_dmd'); sys.exit(3)"]
+    monkeypatch.setattr(compare, "cell_command", lambda name, *a: crash if name == "phased_dmd" else real(name, *a))
+    args = ["--budget", "1", "--steps", "1", "--recipes", "dmd2", "phased_dmd", "--jobs", "2", "--out",
+            str(tmp_path / "out"), "--set", f"teacher.path={tiny_teacher}", "data.batch_size=4"]
+    assert compare.main(args) == 1
+    said = capsys.readouterr().out
+    assert "[2/2] phased_dmd 1-step: FAILED (exit 3), last lines of its log:\n    RuntimeError: out of memory" in said
+    assert "[1/2] dmd2 1-step: FD-digits" in said and "1 cell(s) failed" in said
+    assert [r["recipe"] for r in json.loads((tmp_path / "out" / "compare" / "results.json").read_text()).values()] == [
+        "dmd2"]
+    monkeypatch.setattr(compare, "cell_command", real)
+
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(tiny_teacher, broken)
+    (weights,) = broken.rglob("*.safetensors")
+    weights.write_bytes(b"not a safetensors file")
+    refused = [*args[:-2], f"teacher.path={broken}"]
+    assert compare.main(refused) == 0
+    said = capsys.readouterr().out
+    assert said.count("not run (teacher.path: ") == 2 and "is truncated or corrupt" in said and "FAILED" not in said
+    with pytest.raises(SystemExit, match="--jobs: expected a count of 1 or more, got 0"):
+        compare.main([*args[:7], "--jobs", "0"])
