@@ -207,23 +207,38 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
     return path
 
 
-def write_outputs(results: dict[str, dict], reference: dict, out: Path, command: str) -> None:
+def teacher_pairs(config: Path) -> int:
+    """How many teacher ODE pairs a recipe trains on (its `recipe.pairs.num_pairs`, made once before training and not
+    in its train seconds); 0 for a recipe that queries the teacher during training instead."""
+    import yaml
+
+    pairs = (yaml.safe_load(config.read_text()).get("recipe") or {}).get("pairs")
+    return int(pairs.get("num_pairs", 0)) if isinstance(pairs, dict) else 0
+
+
+def write_outputs(results: dict[str, dict], reference: dict, out: Path, command: str,
+                  pairs: dict[str, int] | None = None) -> None:
+    pairs = pairs or {}
     rows = sorted(results.values(), key=lambda r: (r.get("label", r["recipe"]), r["steps"]))
     lines = ["# Recipes side by side on the digits teacher", "",
              "Each student is trained for its step count at the same budget of generator updates and scored on "
              "898 samples (its own k-step rollout, equal to its export) against digits half A with the FD-digits "
              "judge (`docs/fd_digits.md`; not Inception FID). Diversity: mean pairwise judge-feature distance within "
-             "a class. The real train half B is the reference row (the floor).", "",
+             "a class. The real train half B is the reference row (the floor). \"teacher pairs\": the teacher ODE "
+             "solutions a pair-trained recipe learns from, made once (`distill pairs`) before training and not counted "
+             "in its train seconds; the other recipes query the teacher during training.", "",
              f"Command: `{command}`" + ("; a row labelled `NAME (KEY=VALUE)` is the same command with `--recipes NAME "
                                         "--set KEY=VALUE`" if any("label" in r and r["label"] != r["recipe"]
                                                                  for r in rows) else "")
              + " (`--jobs N` measures N cells at a time, each on one thread as here: the same figures)", "",
-             "| recipe | steps | updates | train s | FD-digits | accuracy | precision | recall | diversity |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| real half B (floor) | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
+             "| recipe | steps | updates | teacher pairs | train s | FD-digits | accuracy | precision | recall | "
+             "diversity |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| real half B (floor) | - | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
              f"{reference['precision']:.3f} | {reference['recall']:.3f} | {reference['diversity']:.3f} |"]
     for r in rows:
-        lines.append(f"| {r.get('label', r['recipe'])} | {r['steps']} | {r['budget']} | {r['train_seconds']:.0f} | "
+        lines.append(f"| {r.get('label', r['recipe'])} | {r['steps']} | {r['budget']} | "
+                     f"{pairs.get(r['recipe']) or '-'} | {r['train_seconds']:.0f} | "
                      f"{r['fd_digits']:.3f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['diversity']:.3f} |")
     lines += ["", "![FD-digits against steps](compare/fd_digits.png) ![diversity against steps](compare/diversity.png)",
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                + (" --set " + " ".join(args.set) if args.set and not args.report_only else "")
                + (f" --out {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}"
                   if args.out != REPO / "docs" else ""))
-    write_outputs(selected, reference, args.out, command)
+    write_outputs(selected, reference, args.out, command, {n: teacher_pairs(c) for n, c in configs.items()})
     print(f"wrote {args.out / 'compare_recipes.md'}")
     if failed:
         print(f"{failed} cell(s) failed (said above); rerun the same command to measure them, the rest is kept")

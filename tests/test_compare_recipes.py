@@ -112,8 +112,8 @@ def test_merge_joins_parallel_cells_and_refuses_a_conflict(tmp_path, capsys):
     assert (out / "compare" / "grids" / "dmd2_1step.png").read_bytes() == b"kept"
     table = (out / "compare_recipes.md").read_text()
     assert "`OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 --out" in table
-    assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith(("| dmd2", "| phased"))] == [
-        "1.900", "1.600", "1.500"]
+    assert [line.split(" | ")[3:6:2] for line in table.splitlines() if line.startswith(("| dmd2", "| phased"))] == [
+        ["-", "1.900"], ["-", "1.600"], ["-", "1.500"]]  # teacher pairs, FD-digits
 
     # The same cell measured twice with other figures: refused, naming the key and both files; nothing written.
     (tmp_path / "c" / "compare").mkdir(parents=True)
@@ -202,3 +202,19 @@ def test_jobs_says_a_failed_cell_and_exits_nonzero(tiny_teacher, tmp_path, capsy
     assert said.count("not run (teacher.path: ") == 2 and "is truncated or corrupt" in said and "FAILED" not in said
     with pytest.raises(SystemExit, match="--jobs: expected a count of 1 or more, got 0"):
         compare.main([*args[:7], "--jobs", "0"])
+
+
+def test_pair_trained_recipes_say_their_teacher_pairs(tmp_path):
+    """The table's "teacher pairs" column: a pair-trained recipe's num_pairs (teacher work outside its train seconds),
+    '-' for the recipes that query the teacher while training."""
+    compare = _script("compare_recipes")
+    found = compare.digits_configs()
+    assert compare.teacher_pairs(found["reflow"]) == 4096 and compare.teacher_pairs(found["dmd2"]) == 0
+    (tmp_path / "cfg.yaml").write_text("recipe:\n  name: x\n  pairs: {path: p, num_pairs: 128}\n")
+    assert compare.teacher_pairs(tmp_path / "cfg.yaml") == 128
+    reference = {"fd_digits": 1.5, "accuracy": 0.99, "precision": 0.9, "recall": 0.9, "diversity": 6.8}
+    results = {"a": _entry("reflow", 1, 4.46), "b": _entry("dmd2", 1, 1.87)}
+    compare.write_outputs(results, reference, tmp_path, "cmd", {"reflow": 4096, "dmd2": 0})
+    rows = {line.split(" | ")[0]: line.split(" | ")[3] for line in (tmp_path / "compare_recipes.md").read_text()
+            .splitlines() if line.startswith(("| reflow", "| dmd2"))}
+    assert rows == {"| reflow": "4096", "| dmd2": "-"}
