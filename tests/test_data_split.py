@@ -74,11 +74,13 @@ def test_every_training_dataset_reads_only_the_train_half(poisoned_half_a):
             assert batch.images is None or torch.isfinite(batch.images).all()
 
 
-def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp_path, one_thread):
+def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp_path, one_thread, monkeypatch):
     """Every shipped recipe config, built as the trainer builds it: its dataset (real images of GAN heads and
     regression terms come from there) holds no half-A image."""
     from distill.config import load_config
     from distill.recipes import build_recipe
+
+    monkeypatch.chdir(tmp_path)  # relative paths (a config's runs/pairs/... store) never reach the checkout's runs/
 
     for path in sorted((REPO / "recipes").glob("*_digits.yaml")):
         cfg = load_config(path, [f"teacher.path={tiny_teacher}", "data.resolution=8", f"run.output_dir={tmp_path}"])
