@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
            (0, 110, 60), (200, 0, 200), (160, 120, 0), (0, 150, 150), (90, 90, 220), (240, 80, 120),
-           (100, 60, 20), (0, 0, 0)]
+           (100, 60, 20), (0, 0, 0), (255, 187, 120), (152, 223, 138), (174, 199, 232), (197, 176, 213),
+           (196, 156, 148), (247, 182, 210)]
 
 
 def digits_configs() -> dict[str, Path]:
@@ -152,6 +153,17 @@ def y_range(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+def offscale_rows(series: dict[str, list[tuple[float, float]]], y_hi: float) -> dict[tuple[str, float], int]:
+    """(name, x) -> the row of its value's label for every point above `y_hi`: the off-scale points at one x are
+    labelled in a column, largest value first, so their labels do not overlap."""
+    rows: dict[tuple[str, float], int] = {}
+    for x in {x for pts in series.values() for x, _ in pts}:
+        above = sorted(((y, name) for name, pts in series.items() for px_, y in pts if px_ == x and y > y_hi),
+                       reverse=True)
+        rows.update({(name, x): i for i, (_, name) in enumerate(above)})
+    return rows
+
+
 def legend_name(label: str) -> str:
     """'fdistill (recipe.divergence=forward_kl)' -> 'fdistill, divergence=forward_kl' (the key's last part)."""
     if " (" not in label or not label.endswith(")"):
@@ -162,7 +174,7 @@ def legend_name(label: str) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
-               reference: float | None = None, size: tuple[int, int] = (640, 360)) -> Path:
+               reference: float | None = None, size: tuple[int, int] = (800, 460)) -> Path:
     """A small PNG line chart (PIL): one line per name, x = steps; `reference` is drawn as a grey line (the
     floor); values far above the rest are marked at the top edge with their value (`y_range`)."""
     names = sorted(series)
@@ -178,6 +190,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
     y_lo, y_hi = y_range(ys or [0.0, 1.0])
     px = lambda x: left + (xs.index(x) / max(len(xs) - 1, 1)) * (w - left - right)  # noqa: E731
     py = lambda y: top + (1 - (min(y, y_hi) - y_lo) / (y_hi - y_lo)) * (h - top - bottom)  # noqa: E731
+    label_row = offscale_rows(series, y_hi)
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     for x in xs:
         draw.text((px(x) - 3, h - bottom + 4), str(int(x)), fill="black")
@@ -195,10 +208,13 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
         coords = [(px(x), py(y)) for x, y in pts]
         if len(coords) > 1:
             draw.line(coords, fill=colour, width=2)
-        for (cx, cy), (_, y) in zip(coords, pts):
-            if y > y_hi:  # off-scale: a triangle at the top edge and the value
+        for (cx, cy), (x, y) in zip(coords, pts):
+            if y > y_hi:  # off-scale: a triangle at the top edge and the value, in a column per x
                 draw.polygon([(cx - 5, cy + 6), (cx + 5, cy + 6), (cx, cy - 2)], fill=colour)
-                draw.text((cx + 7, cy), f"{y:.3g}", fill=colour)
+                text = f"{y:.3g}"
+                width = measure_text(text)
+                tx = cx + 7 if cx + 7 + width < w - right else cx - 7 - width  # left of it at the legend's edge
+                draw.text((tx, cy + 12 * label_row[name, x]), text, fill=colour)
             else:
                 draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         draw.text((w - right + 8, top + 14 * i), legend[i], fill=colour)

@@ -137,6 +137,14 @@ def test_plot_range_marks_a_collapsed_student_instead_of_flattening_the_rest():
     assert compare.y_range([2.0]) == (1.5, 2.5)
 
 
+def test_offscale_labels_stack_instead_of_overlapping():
+    compare = _script("compare_recipes")
+    series = {"scm": [(1, 4.45), (2, 1.99)], "lcm": [(1, 4.30), (2, 2.32)], "ddmd": [(1, 8.62), (2, 7.68)],
+              "dmd2": [(1, 1.87), (2, 1.63)]}
+    assert compare.offscale_rows(series, 3.2) == {("ddmd", 1): 0, ("scm", 1): 1, ("lcm", 1): 2, ("ddmd", 2): 0}
+    assert compare.offscale_rows(series, 9.0) == {}
+
+
 def test_legend_names_shorten_the_set_keys():
     compare = _script("compare_recipes")
     assert compare.legend_name("dmd2") == "dmd2"
