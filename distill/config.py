@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+#: the recipes' modules and YAML configs (`distill/recipes`, a link to the repository's top-level `recipes/`).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -401,9 +403,7 @@ def recipe_module(name: str) -> types.ModuleType:
     except ModuleNotFoundError as e:
         if e.name != f"distill.recipes.{name}":
             raise
-        import distill.recipes as pkg
-
-        found = sorted(p.stem for p in Path(pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+        found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
         raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}") from None
 
 
@@ -500,11 +500,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `key=value` overrides and validate it."""
     path = Path(path)
     if not path.is_file():
-        shipped = Path(__file__).resolve().parent.parent / "recipes" / path.name
-        import distill.recipes as pkg
-
-        installed = Path(pkg.__file__).parent / path.name
-        path = next((p for p in (shipped, installed) if p.is_file()), path)
+        shipped = RECIPES_DIR / path.name
+        path = shipped if shipped.is_file() else path
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

@@ -170,7 +170,7 @@ class Trainer:
         acc = self.accelerator
         torch.manual_seed(cfg.run.seed)  # model construction (heads) is identical on every rank
 
-        from distill.recipes import build_recipe
+        from distill.recipe_registry import build_recipe
 
         self.recipe, self.dataset = build_recipe(cfg, acc.device)
         if cfg.trainer.sample_every and getattr(self.dataset, "latent", False):

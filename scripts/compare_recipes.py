@@ -46,7 +46,7 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def digits_configs() -> dict[str, Path]:
     """name -> config for every recipes/<name>_digits.yaml."""
-    from distill.recipes import recipe_configs
+    from distill.recipe_registry import recipe_configs
 
     return recipe_configs("digits")
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from distill.config import ConfigError
     from distill.metrics import FDDigits
-    from distill.recipes import recipe_configs
+    from distill.recipe_registry import recipe_configs
 
     try:
         configs = recipe_configs("digits", args.recipes)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def toy_configs() -> dict[str, Path]:
     """name -> config for every recipes/<name>_toy.yaml."""
-    from distill.recipes import recipe_configs
+    from distill.recipe_registry import recipe_configs
 
     return recipe_configs("toy")
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from distill.toy import toy_mixture
-    from distill.recipes import recipe_configs
+    from distill.recipe_registry import recipe_configs
 
     try:
         configs = recipe_configs("toy", args.recipes)

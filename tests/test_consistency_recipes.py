@@ -15,7 +15,7 @@ from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
 from distill.config import load_config
 from distill.export import rollout
-from distill.recipes import build_recipe
+from distill.recipe_registry import build_recipe
 from distill.trainer import Trainer, list_checkpoints, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -78,7 +78,7 @@ def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp
     """Every shipped recipe config, built as the trainer builds it: its dataset (real images of GAN heads and
     regression terms come from there) holds no half-A image."""
     from distill.config import load_config
-    from distill.recipes import build_recipe
+    from distill.recipe_registry import build_recipe
 
     monkeypatch.chdir(tmp_path)  # relative paths (a config's runs/pairs/... store) never reach the checkout's runs/
 

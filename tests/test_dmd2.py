@@ -93,7 +93,7 @@ def test_denoising_loss_is_edm_weighted_x0_error(f64):
 def test_recipe_routes_gradients(tiny_teacher):
     """The generator loss trains only the student; the critic loss trains only the fake score (and GAN head)."""
     from distill.config import load_config
-    from distill.recipes import build_recipe
+    from distill.recipe_registry import build_recipe
 
     for steps, gan in ((1, False), (3, True)):
         cfg = load_config("dmd2_digits.yaml", [f"teacher.path={tiny_teacher}", "data.resolution=8",

@@ -137,7 +137,7 @@ def test_experts_route_by_noise_level(tiny_teacher):
 
 
 def test_recipe_trains_only_the_current_phase(tiny_teacher, tmp_path):
-    from distill.recipes import build_recipe
+    from distill.recipe_registry import build_recipe
 
     cfg = phased_config(tiny_teacher, tmp_path, "student.num_steps=2", "run.max_steps=4")
     recipe, data = build_recipe(cfg, torch.device("cpu"))

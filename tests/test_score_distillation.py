@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_overrides
 
 from distill.config import ConfigError, load_config
-from distill.recipes import build_recipe
+from distill.recipe_registry import build_recipe
 from distill.recipes.decoupled_dmd import decoupled_gradients
 from distill.recipes.dmd2 import dmd_gradient
 from distill.recipes.fdistill import F_OF_R, H_OF_R, density_ratio, f_weights

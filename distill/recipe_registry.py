@@ -1,5 +1,7 @@
-"""Recipes: one distillation method per file (`distill.recipes.<name>`), each with a `Config` (a `distill.config.Section`) and
+"""Finding and building recipes. A recipe is one distillation method per file (`distill.recipes.<name>`, the
+top-level `recipes/` folder), each with a `Config` (a `distill.config.Section`) and
 `build(cfg, teacher, dataset, device) -> recipe` (see `distill.trainer.Recipe`). YAML configs sit beside them.
+`distill.recipes` is a namespace package (no `__init__.py`, so the folder never shadows an installed `recipes`).
 
 A recipe that trains on something other than the `data:` section's dataset (a pair store) sets `recipe.dataset`;
 the trainer then draws its batches from that."""
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import Config, recipe_module, resolve_path
+from distill.config import RECIPES_DIR, Config, recipe_module, resolve_path
 
 
 def build_recipe(cfg: Config, device: torch.device):
@@ -33,7 +35,7 @@ def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]
     """name -> config of every shipped `recipes/<name>_<kind>.yaml` (kind "digits", "toy"): how the comparison
     scripts find their participants, so a recipe joins by adding a config. `names` selects; an unknown one is an
     error that lists what exists."""
-    folder = Path(__file__).resolve().parent
+    folder = RECIPES_DIR
     suffix = f"_{kind}.yaml"
     found = dict(sorted((p.name[: -len(suffix)], p) for p in folder.glob(f"*{suffix}")))
     if names is None:
