@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from distill.config import ConfigError, load_config
+from distill.optional import MissingPackage
 
 #: the config each demo task runs, by recipe name
 DEMO_CONFIG = {"digits": "{recipe}_digits.yaml", "text": "{recipe}_text.yaml", "text-flow": "{recipe}_text_flow.yaml"}
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, MissingPackage) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,7 @@ import torch
 from distill.config import resolve_path
 from distill.denoiser import load_denoiser
 from distill.metrics import FDDigits
+from distill.optional import exit_if_missing, require
 from distill.sampling import sample
 
 
@@ -50,13 +51,9 @@ def markdown(rows: list[dict], floor: float, floor_pr: tuple[float, float]) -> s
 
 
 def plot(rows: list[dict], floor: float, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    matplotlib = require("matplotlib", "scripts/evaluate_teacher.py --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for w in sorted({r["guidance"] for r in rows}):
         rs = [r for r in rows if r["guidance"] == w]
@@ -88,6 +85,8 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=None, help="write the table to this file")
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
     args = ap.parse_args()
+    if args.plot:  # before any cell is measured
+        exit_if_missing("matplotlib", "scripts/evaluate_teacher.py --plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = load_denoiser(resolve_path(args.teacher), prediction=args.prediction)
