@@ -2,7 +2,8 @@
 
 For each export target this module holds (a) the schedule a k-step student visits, exactly as the stock
 pipeline will visit it (recipes train with it, so training and inference timesteps cannot drift apart), and
-(b) the writer of the pipeline folder with a model card that states the exact call.
+(b) the writer of the pipeline folder with a model card that states the exact call and how to seed it
+(`distill.targets.seeding`, also in `distill.json`).
 
 Targets so far:
 
@@ -200,6 +201,8 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     `timesteps=` (stated in the model card and `distill.json`) instead of `num_inference_steps=`."""
     from diffusers import ConsistencyModelPipeline, UNet2DModel
 
+    from distill.targets import seeding
+
     out_dir = Path(out_dir)
     adapter = None
     if callable(getattr(student, "merged", None)):  # an adapter on a shared base (distill.adapters): merge it
@@ -227,8 +230,9 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
     else:
         steps_arg = f"num_inference_steps={num_steps}"
         call = "pipe(batch_size=4, class_labels=[0, 1, 2, 3])" if num_steps == 1 else f"pipe(batch_size=4, class_labels=[0, 1, 2, 3], {steps_arg})"
+    seed = seeding("ConsistencyModelPipeline", True, num_steps >= 2)
     meta = {"num_inference_steps": num_steps, "trained_sigmas": sigmas, "guidance": "none (CFG was distilled in)",
-            "recipe": getattr(config, "recipe_name", None)}
+            "seeding": seed, "recipe": getattr(config, "recipe_name", None)}
     if timesteps is not None:
         meta["timesteps"] = list(timesteps)
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -242,6 +246,7 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
         f"- steps: {num_steps} (the trained sigmas {['%.4g' % s for s in sigmas]} are what "
         f"`{steps_arg}` gives)\n"
         "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n"
+        + seeding_line(seed) +
         f"- classes: 0..{unet.config.num_class_embeds - 1}" + (" (omit `class_labels` for random classes)\n" if unet.config.num_class_embeds else "\n")
     )
     _replace_dir(tmp, out_dir)
@@ -251,6 +256,18 @@ def export_pipeline(student: Denoiser, out_dir: str | Path, num_steps: int, conf
 def none_kwargs(components: list[str]) -> str:
     """`, text_encoder_3=None, tokenizer_3=None`: the from_pretrained arguments of components a folder lacks."""
     return "".join(f", {name}=None" for name in components)
+
+
+def torch_import(call: str) -> str:
+    """`import torch` and a newline for a model card's code whose call uses torch (its seeded generator), else ""."""
+    return "import torch\n" if "torch." in call else ""
+
+
+def seeding_line(seed: dict) -> str:
+    """The model card's line on seeding, from distill.json's `seeding` (:func:`distill.targets.seeding`)."""
+    if seed["generator_alone"]:
+        return f"- seeding: `{seed['call']}` fixes the sample: {seed['why']}\n"
+    return f"- seeding: `{seed['call']}`, as in the call above: {seed['why']}\n"
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
@@ -283,7 +300,7 @@ def add_lora(adapter, target, folder: Path, name: str, config: Any) -> None:
             f"\n## The student as a LoRA on its teacher\n\n`{LORA_WEIGHTS}` holds the student alone: a rank-"
             f"{lora['r']} LoRA on `{teacher}` in diffusers' format (the folder above is the same student merged). "
             "Load it onto the teacher's pipeline and use this folder's scheduler:\n\n"
-            "```python\nimport diffusers\nfrom diffusers import DiffusionPipeline\n\n"
+            f"```python\n{torch_import(meta['call'])}import diffusers\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained(\"{teacher}\"{none_kwargs(meta.get('absent_components', []))})\n"
             f"pipe.load_lora_weights(\"{name}\")\n"
             f"pipe.scheduler = diffusers.{scheduler}.from_pretrained(\"{name}\", subfolder=\"scheduler\")\n"
@@ -304,11 +321,12 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
     resolution = src["resolution"] or 0
     num_frames = getattr(getattr(config, "data", None), "num_frames", 1) if target.video else 1
     guidance = target.guidance_scale(src["network_config"])
-    call = target.call(num_steps, resolution, guidance, num_frames)
+    seed = target.seeding(num_steps)
+    call = target.call(num_steps, resolution, guidance, num_frames, global_seed=not seed["generator_alone"])
     absent = target.absent_components(tmp)  # loaded as None (SD3 without T5)
     meta = {"pipeline": target.pipeline, "num_inference_steps": num_steps, "trained_timesteps": times,
             "resolution": resolution, "num_frames": num_frames, "call": call, "output": target.output,
-            "guidance_scale": guidance, "guidance": "none (CFG was distilled in)",
+            "guidance_scale": guidance, "guidance": "none (CFG was distilled in)", "seeding": seed,
             "recipe": getattr(config, "recipe_name", None)}
     if absent:
         meta["absent_components"] = absent
@@ -324,12 +342,12 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
         "---\nlibrary_name: diffusers\ntags: [distill]\n---\n\n"
         f"# {num_steps}-step distilled student\n\n"
         f"Distilled with `distill` ({meta['recipe']}). A stock `{target.pipeline}` with `{type(target.scheduler(src['scheduler_config'], num_steps)).__name__}`; no custom code.\n\n"
-        "```python\nfrom diffusers import DiffusionPipeline\n\n"
+        f"```python\n{torch_import(call)}from diffusers import DiffusionPipeline\n\n"
         f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\"{none_kwargs(absent)})\n"
         f"{target.output} = {call}.{target.output}\n```\n\n"
         f"- steps: {num_steps}; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
         f"{['%.4g' % t for t in times]}\n"
-        + guidance_line +
+        + guidance_line + seeding_line(seed) +
         (f"- trained at {size}" + (" (DiTPipeline samples at its transformer's sample_size; class_labels are "
                                    "class indices)\n" if target.class_conditional else "\n")))
     if adapter is not None:
@@ -431,6 +449,8 @@ def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int,
     :data:`EXPERT_LOOP`. No stock diffusers pipeline switches UNets between steps, and a custom pipeline class
     would need remote code, so the loop is shipped as documentation instead. A latent family's experts go
     through :func:`_export_latent_experts`."""
+    from distill.targets import seeding
+
     if len(experts) != num_steps:
         raise ValueError(f"an expert-per-step student needs one expert per step: {len(experts)} experts, "
                          f"{num_steps} steps")
@@ -449,8 +469,9 @@ def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int,
             f"# expert {i} of {num_steps} (phase {i}, step {i} of the sampler)\n\nA stock `ConsistencyModelPipeline` "
             "folder holding one expert of a phased student; it is not a sampler on its own. See ../README.md.\n")
     sigmas = student_schedule(experts[0], num_steps).times.tolist()
+    seed = seeding("sample_phased", True, num_steps >= 2)  # the loop passes its generator to scheduler.step
     meta = {"experts": names, "num_inference_steps": num_steps, "trained_sigmas": sigmas, "recipe": recipe,
-            "guidance": "none (CFG was distilled in)"}
+            "guidance": "none (CFG was distilled in)", "seeding": seed}
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(
         "---\nlibrary_name: diffusers\ntags: [distill, phased-dmd, mixture-of-experts]\n---\n\n"
@@ -466,7 +487,8 @@ def export_experts(experts: list[Denoiser], out_dir: str | Path, num_steps: int,
         "generator=torch.Generator().manual_seed(0))\n```\n\n"
         f"- steps: {num_steps}, one per expert (sigmas {['%.4g' % s for s in sigmas]}, what "
         f"`set_timesteps({num_steps})` gives)\n"
-        "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n")
+        "- guidance: none; the teacher's classifier-free guidance was distilled into the student\n"
+        + seeding_line(seed))
     _replace_dir(tmp, out_dir)
     return out_dir
 
@@ -491,7 +513,7 @@ def _export_latent_experts(experts: list[Denoiser], out_dir: Path, num_steps: in
     src = experts[0].source
     meta = {"experts": names, "network": target.subfolder, "pipeline": target.pipeline,
             "num_inference_steps": num_steps, "trained_timesteps": times, "resolution": src["resolution"] or 0,
-            "call": call, "recipe": recipe, "guidance": "none (CFG was distilled in)"}
+            "call": call, "recipe": recipe, "guidance": "none (CFG was distilled in)", "seeding": first["seeding"]}
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / names[0] / "README.md").write_text(
         f"# expert 0 of {num_steps} (step 0 of the sampler)\n\nA stock `{target.pipeline}` holding the first expert "
@@ -504,11 +526,12 @@ def _export_latent_experts(experts: list[Denoiser], out_dir: Path, num_steps: in
         f"`{target.pipeline}` holding expert 0, `phase_<i>/{target.subfolder}/` holds expert i. A stock pipeline "
         "holds one network; the pipeline's own `callback_on_step_end` hands it the next expert after each step "
         "(diffusers only, no custom code).\n\n"
-        f"```python\n{LATENT_EXPERT_LOOP}\n"
+        f"```python\n{torch_import(call)}{LATENT_EXPERT_LOOP}\n"
         f"pipe, switch = load_phased(\"{out_dir.name}\")\n"
         f"{output} = {switched}.{output}\n```\n\n"
         f"- steps: {num_steps}, one per expert; `num_inference_steps={num_steps}` visits exactly the trained timesteps "
         f"{['%.4g' % t for t in times]}\n"
-        "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n")
+        "- guidance: off (the guidance_scale above); the teacher's classifier-free guidance was distilled in\n"
+        + seeding_line(first["seeding"]))
     _replace_dir(tmp, out_dir)
     return out_dir

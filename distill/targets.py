@@ -18,6 +18,13 @@ The rule (docs/design.md): a student trains with exactly its pipeline's sampler.
   `step` draws the re-noising in the pipeline's latent layout (Flux: packed tokens), and so does the student
   (`NoisingSchedule.noise_like`), so equal seeds give equal samples.
 
+Seeding (`seeding`, distill.json's `seeding`): SD1.5, SDXL and PixArt pass the call's `generator` to
+`scheduler.step`; SD3, Flux, Wan and DiT do not, and their step re-noises from torch's global generator, so a
+`torch.Generator()` of the call's own fixes only the initial noise of a k >= 2 student (no stock scheduler changes
+that). The exported call of such a student passes `generator=torch.manual_seed(0)`, which seeds the global generator
+and returns it: the initial noise and every re-noising are then one seeded stream, the one the student's own rollout
+draws after `torch.manual_seed(0)`.
+
 Each pipeline's call is reproduced argument for argument where its defaults differ from its `encode_prompt`'s (Wan
 encodes 512 tokens in the call, 226 by default; PixArt cleans captions in the call), and where a pipeline cannot
 sample the student at the trained size it is refused when the config is loaded (DiTPipeline samples only at its
@@ -113,6 +120,7 @@ class Target:
     packed: bool = False  # Flux: 2x2 latent patches are one token
     video: bool = False  # Wan: (C, F, H, W) latents
     class_conditional: bool = False  # DiT: "prompts" are class indices
+    passes_generator: bool = False  # the pipeline hands its call's `generator` to `scheduler.step` (the re-noising)
 
     # -- latents ---------------------------------------------------------------------------------------------
     def vae_factors(self, folder: Path) -> tuple[int, int]:
@@ -231,15 +239,23 @@ class Target:
         """The attribute of the pipeline's output that holds the samples."""
         return "frames" if self.video else "images"
 
-    def call(self, num_steps: int, resolution: int, guidance: float, num_frames: int = 1) -> str:
-        """The exported pipeline's exact call (the model card's) for one prompt (DiT: two class labels)."""
+    def seeding(self, num_steps: int, stochastic: bool = True) -> dict[str, Any]:
+        """How the exported call of a `num_steps` student is seeded (:func:`seeding`); `stochastic`: the scheduler
+        re-noises between steps (False for the ODE scheduler of a reflowed flow)."""
+        return seeding(self.pipeline, self.passes_generator, stochastic and num_steps >= 2)
+
+    def call(self, num_steps: int, resolution: int, guidance: float, num_frames: int = 1,
+             global_seed: bool = False) -> str:
+        """The exported pipeline's exact call (the model card's) for one prompt (DiT: two class labels);
+        `global_seed`: seeded with `generator=torch.manual_seed(0)` (a `seeding` that is not generator-alone)."""
+        seed = f", generator={GLOBAL_SEED.format(seed=0)}" if global_seed else ""
         if self.class_conditional:  # DiTPipeline: no prompt, no size (its transformer's sample_size)
-            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale={guidance})"
+            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale={guidance}{seed})"
         extra = f", num_frames={num_frames}" if self.video else ""
         if self.pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
             extra += ", use_resolution_binning=False"  # binning would sample at the nearest bin, not the trained size
         return (f'pipe("a photo of a cat", num_inference_steps={num_steps}, guidance_scale={guidance}, '
-                f"height={resolution}, width={resolution}{extra})")
+                f"height={resolution}, width={resolution}{extra}{seed})")
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def load_text_pipeline(self, folder: Path):
@@ -335,6 +351,33 @@ def flow_euler_config(teacher_scheduler_config: dict) -> dict:
     return {k: config[k] for k in keep if k in config}
 
 
+#: `generator=` of a call whose scheduler re-noises from torch's global generator: `torch.manual_seed` seeds it (on
+#: every device) and returns it, so the pipeline's initial noise and the scheduler's re-noising share one stream.
+GLOBAL_SEED = "torch.manual_seed({seed})"
+#: `generator=` of a call whose random draws all come from the call's generator.
+OWN_GENERATOR = "torch.Generator().manual_seed({seed})"
+
+
+def seeding(pipeline: str, passes_generator: bool, renoises: bool) -> dict[str, Any]:
+    """distill.json's `seeding` of an export: whether `generator=torch.Generator().manual_seed(seed)` alone fixes
+    the sample (`generator_alone`), the `generator=` argument that does (`call`) and why. `renoises`: a step adds
+    fresh noise to the sample (k >= 2 stochastic steps; a single step's re-noising is skipped or scaled by the
+    final sigma 0, and an ODE sampler draws nothing after the initial noise)."""
+    if not renoises:
+        return {"generator_alone": True, "call": f"generator={OWN_GENERATOR.format(seed='seed')}",
+                "why": "the initial noise, drawn from the call's generator, is the only random input that reaches the "
+                       "sample (no step adds fresh noise)"}
+    if passes_generator:
+        return {"generator_alone": True, "call": f"generator={OWN_GENERATOR.format(seed='seed')}",
+                "why": f"{pipeline} passes its generator to scheduler.step, so the initial noise and every "
+                       "re-noising are drawn from it"}
+    return {"generator_alone": False, "call": f"generator={GLOBAL_SEED.format(seed='seed')}",
+            "why": f"{pipeline} does not pass its generator to scheduler.step, whose re-noising draws from torch's "
+                   "global generator; torch.manual_seed(seed) seeds that generator and returns it, so the initial "
+                   "noise and every re-noising come from one seeded stream (a torch.Generator() of the call's own "
+                   "fixes the initial noise only)"}
+
+
 def class_indices(lines: list[str], num_classes: int | None = None) -> Tensor:
     """DiT's "prompts": one class index per line, each in 0..num_classes - 1 (the next row is the null class)."""
     from distill.config import ConfigError
@@ -351,13 +394,17 @@ def class_indices(lines: list[str], num_classes: int | None = None) -> Tensor:
 
 
 TARGETS: dict[str, Target] = {
-    "UNet2DConditionModel": Target("UNet2DConditionModel", "StableDiffusionPipeline", "unet", "vp"),
-    "UNet2DConditionModel+text_time": Target("UNet2DConditionModel", "StableDiffusionXLPipeline", "unet", "vp"),
+    "UNet2DConditionModel": Target("UNet2DConditionModel", "StableDiffusionPipeline", "unet", "vp",
+                                   passes_generator=True),
+    "UNet2DConditionModel+text_time": Target("UNet2DConditionModel", "StableDiffusionXLPipeline", "unet", "vp",
+                                             passes_generator=True),
     "SD3Transformer2DModel": Target("SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer", "flow"),
     "FluxTransformer2DModel": Target("FluxTransformer2DModel", "FluxPipeline", "transformer", "flow", packed=True),
     "WanTransformer3DModel": Target("WanTransformer3DModel", "WanPipeline", "transformer", "flow", video=True),
-    "PixArtTransformer2DModel": Target("PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer", "vp"),
-    "PixArtTransformer2DModel+alpha": Target("PixArtTransformer2DModel", "PixArtAlphaPipeline", "transformer", "vp"),
+    "PixArtTransformer2DModel": Target("PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer", "vp",
+                                       passes_generator=True),
+    "PixArtTransformer2DModel+alpha": Target("PixArtTransformer2DModel", "PixArtAlphaPipeline", "transformer", "vp",
+                                             passes_generator=True),
     "DiTTransformer2DModel": Target("DiTTransformer2DModel", "DiTPipeline", "transformer", "vp",
                                     class_conditional=True),
 }
@@ -566,4 +613,5 @@ def dynamic_mu(folder: Path, network_config: dict, scheduler_config: dict, resol
 
 
 __all__ = ["ExportRefused", "NoisingSchedule", "PromptDataset", "TARGETS", "Target", "check_exportable",
-           "dynamic_mu", "network_class", "pipeline_class", "student_times", "target_for", "teacher_target"]
+           "dynamic_mu", "network_class", "pipeline_class", "seeding", "student_times", "target_for",
+           "teacher_target"]

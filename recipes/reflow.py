@@ -251,7 +251,7 @@ def parameter_count(module: nn.Module) -> int:
 def write_flow_pipeline(flow: Denoiser, out_dir: str | Path, num_steps: int, config=None) -> Path:
     """A latent flow family's reflowed flow as its stock pipeline (the teacher's VAE, text encoders and tokenizers)
     with the deterministic Euler ODE scheduler at the teacher's shift, written atomically."""
-    from distill.export import _latent_target, _replace_dir
+    from distill.export import _latent_target, _replace_dir, seeding_line
 
     target, src = _latent_target(flow), flow.source
     out_dir = Path(out_dir)
@@ -267,8 +267,9 @@ def write_flow_pipeline(flow: Denoiser, out_dir: str | Path, num_steps: int, con
     guidance = target.guidance_scale(src["network_config"])
     call = target.call(num_steps, resolution, guidance)
     grid = pipeline_flow_grid(flow, num_steps).tolist()
+    seed = target.seeding(num_steps, stochastic=False)  # the ODE draws only the initial noise
     meta = {"kind": "rectified flow (reflow)", "pipeline": target.pipeline, "num_inference_steps": num_steps,
-            "sigmas": grid, "resolution": resolution, "call": call, "guidance_scale": guidance,
+            "sigmas": grid, "resolution": resolution, "call": call, "guidance_scale": guidance, "seeding": seed,
             "parameters": parameter_count(flow.model), "recipe": getattr(config, "recipe_name", None)}
     (tmp / "distill.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "README.md").write_text(
@@ -281,6 +282,7 @@ def write_flow_pipeline(flow: Denoiser, out_dir: str | Path, num_steps: int, con
         f"- steps: {num_steps}, on the sigmas {['%.4g' % t for t in grid]} (other counts run too, on the same "
         "shifted grid ending there)\n"
         "- guidance: off; the teacher's classifier-free guidance is in the pairs the flow was trained on\n"
+        + seeding_line(seed) +
         "- also usable as `teacher.path` (for `distill pairs` of the next reflow round, or InstaFlow)\n")
     _replace_dir(tmp, out_dir)
     return out_dir

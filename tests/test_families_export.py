@@ -52,10 +52,12 @@ assert f"{meta['output']} = {meta['call']}.{meta['output']}" in card, "the model
 
 
 def card_call(**override):
-    # the model card's exact call, with only the given arguments replaced (a prompt replaces the card's)
+    # the model card's exact call, with only the given arguments replaced (a prompt replaces the card's); torch's
+    # global generator is seeded after the card's own arguments ran (a card's generator=torch.manual_seed(0))
     def call(*args, **kwargs):
+        torch.manual_seed(spec["seed"])  # flow pipelines and DiT draw the re-noising from the global generator
         return pipe(*(() if "prompt" in override else args), **{**kwargs, **override})
-    return getattr(eval(meta["call"], {"pipe": call}), meta["output"])
+    return getattr(eval(meta["call"], {"pipe": call, "torch": torch}), meta["output"])
 
 
 samples = card_call()  # the exact call of the model card, default output
@@ -66,7 +68,6 @@ if meta["output"] == "frames":
     assert samples.shape == (1, meta["num_frames"], side, side, 3), samples.shape
 else:
     assert samples and all(im.size == (side, side) for im in samples), samples
-torch.manual_seed(spec["seed"])  # flow pipelines and DiT draw the re-noising from the global generator
 override = {"generator": torch.Generator().manual_seed(spec["seed"])}
 if spec["class_labels"] is not None:  # DiTPipeline takes no latents: its generator draws them
     override.update(class_labels=spec["class_labels"], output_type="np",

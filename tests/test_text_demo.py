@@ -46,7 +46,7 @@ card = open(spec["folder"] + "/README.md").read()
 load = "".join(f", {name}=None" for name in absent)
 assert f'DiffusionPipeline.from_pretrained("pipeline"{load})' in card, "the model card states the load"
 assert meta["call"] in card, "the model card states the call"
-images = eval(meta["call"], {"pipe": pipe}).images  # the exact call of the model card, default output
+images = eval(meta["call"], {"pipe": pipe, "torch": torch}).images  # the model card's exact call (its seed may use torch)
 assert len(images) == 1 and images[0].size == (24, 24), images
 out = pipe(spec["prompts"], latents=torch.load(spec["noise"]), num_inference_steps=meta["num_inference_steps"],
            guidance_scale=0.0, output_type="latent").images
