@@ -3,6 +3,7 @@
     python .ci/lock.py check            # the running environment is the lock, exactly (CI, after installing)
     python .ci/lock.py diff             # what the running environment has that differs from the lock (--latest)
     python .ci/lock.py write FILE       # FILE: the lock of the running environment (refreshing it)
+    python .ci/lock.py oldest FILE      # FILE: pyproject's lower bounds as pins (`.ci/run --oldest`)
 
 torch is not in the lock: the README's commands install `torch==2.13.0` (the CPU build) first, and a GPU machine
 brings its own build; `check` says which torch it found. distill itself and pip's own tools are left out.
@@ -57,6 +58,20 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     return pins
 
 
+def lower_bounds() -> dict[str, str]:
+    """name -> version of every `name>=version` among pyproject's core dependencies, torch and triton aside (torch
+    is held at its pin, triton comes with it)."""
+    import tomllib
+
+    project = tomllib.loads((LOCK.parent / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][0-9A-Za-z.]*)", requirement.split(";")[0].strip())
+        if match and normalize(match[1]) not in ("torch", "triton"):
+            pins[normalize(match[1])] = match[2]
+    return pins
+
+
 def differences(have: dict[str, str], lock: dict[str, str]) -> list[str]:
     lines = []
     for name in sorted(set(have) | set(lock)):
@@ -70,10 +85,18 @@ def differences(have: dict[str, str], lock: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("check", "diff", "write"):
+    if not argv or argv[0] not in ("check", "diff", "write", "oldest"):
         print(__doc__, file=sys.stderr)
         return 2
     command = argv[0]
+    if command == "oldest":
+        if len(argv) != 2:
+            print("usage: python .ci/lock.py oldest FILE", file=sys.stderr)
+            return 2
+        pins = lower_bounds()
+        Path(argv[1]).write_text("".join(f"{name}=={version}\n" for name, version in pins.items()))
+        print(f"wrote {argv[1]}: " + ", ".join(f"{n}=={v}" for n, v in pins.items()))
+        return 0
     if command == "write":
         if len(argv) != 2:
             print("usage: python .ci/lock.py write FILE", file=sys.stderr)

@@ -119,5 +119,5 @@ def test_environment_is_the_lock():
     proc = subprocess.run([sys.executable, str(REPO / ".ci" / "lock.py"), "check"], capture_output=True, text=True,
                           timeout=120)
     if proc.returncode != 0 and os.environ.get("DISTILL_UNLOCKED") == "1":
-        pytest.skip(f"DISTILL_UNLOCKED=1 (.ci/run --latest): {proc.stderr.strip()}")
+        pytest.skip(f"DISTILL_UNLOCKED=1 (.ci/run --latest or --oldest): {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
