@@ -35,9 +35,8 @@ def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]
     """name -> config of every shipped `recipes/<name>_<kind>.yaml` (kind "digits", "toy"): how the comparison
     scripts find their participants, so a recipe joins by adding a config. `names` selects; an unknown one is an
     error that lists what exists."""
-    folder = RECIPES_DIR
     suffix = f"_{kind}.yaml"
-    found = dict(sorted((p.name[: -len(suffix)], p) for p in folder.glob(f"*{suffix}")))
+    found = dict(sorted((p.name[: -len(suffix)], p) for p in RECIPES_DIR.glob(f"*{suffix}")))
     if names is None:
         return found
     unknown = [n for n in names if n not in found]
