@@ -18,11 +18,12 @@ import logging
 import sys
 from pathlib import Path
 
-from distill.config import ConfigError, load_config
-from distill.optional import MissingPackage
+from distill.base.errors import ConfigError
+from distill.base.optional import MissingPackage
+from distill.training.preflight import check_run_folders, load_config
 
 #: the config each demo task runs, by recipe name
-DEMO_CONFIG = {"digits": "{recipe}_digits.yaml", "text": "{recipe}_text.yaml", "text-flow": "{recipe}_text_flow.yaml"}
+DEMO_CONFIG = {"digits": "digits/{recipe}.yaml", "text": "text/{recipe}.yaml", "text-flow": "text_flow/{recipe}.yaml"}
 
 
 def _setup_logging() -> None:
@@ -31,25 +32,10 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def preflight(cfg) -> None:
-    """Everything about the run's folders that can be checked before a model is loaded: run.output_dir holds no
-    other run, and the checkpoint trainer.resume=latest would pick is complete (the config's own files were
-    checked when it was loaded)."""
-    from distill.files import check_checkpoint, check_run_dir
-
-    check_run_dir(cfg)
-    if cfg.trainer.resume == "latest":
-        from distill.trainer import latest_checkpoint
-
-        ckpt = latest_checkpoint(cfg.run.output_dir)
-        if ckpt is not None:
-            check_checkpoint(ckpt, "trainer.resume")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg)
-    from distill.trainer import Trainer
+    check_run_folders(cfg)
+    from distill.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     out = trainer.train()
@@ -61,8 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from distill.files import check_checkpoint
-    from distill.trainer import Trainer, latest_checkpoint
+    from distill.training.checkpoints import latest_checkpoint
+    from distill.training.files import check_checkpoint
+    from distill.training.trainer import Trainer
 
     run_dir = Path(args.run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -91,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from distill.pairs import generate_from_config
+    from distill.data.pairs import generate_from_config
 
     root = generate_from_config(load_config(args.config, args.overrides))
     print(f"pair store: {root}")
@@ -99,20 +86,20 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.trainer import Trainer
+    from distill.training.trainer import Trainer
 
     out = Path(args.out)
     cfg = load_config(DEMO_CONFIG[args.task].format(recipe=args.recipe), [f"run.output_dir={out}", *args.overrides])
-    preflight(cfg)
+    check_run_folders(cfg)
     trainer = Trainer(cfg)
     pipeline_dir = trainer.train()
     if trainer.accelerator.is_main_process:
         if args.task in ("text", "text-flow"):
-            from distill.evaluate_text import DEFAULT_TEXT_TEACHER_STEPS as default_steps
-            from distill.evaluate_text import compare_text_teacher_student as compare
+            from distill.demo.evaluate_text import DEFAULT_TEXT_TEACHER_STEPS as default_steps
+            from distill.demo.evaluate_text import compare_text_teacher_student as compare
         else:
-            from distill.evaluate import DEFAULT_TEACHER_STEPS as default_steps
-            from distill.evaluate import compare_teacher_student as compare
+            from distill.evaluation.digits import DEFAULT_TEACHER_STEPS as default_steps
+            from distill.evaluation.digits import compare_teacher_student as compare
 
         steps = args.teacher_steps if args.teacher_steps is not None else default_steps
         print(compare(cfg, pipeline_dir, out, teacher_steps=steps))
@@ -123,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Diffusion step distillation on diffusers.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a recipe from a YAML config")
-    t.add_argument("config", help="YAML config (a path, or the name of a shipped one such as dmd2_digits.yaml)")
+    t.add_argument("config", help="YAML config (a path, or the name of a shipped one such as digits/dmd2.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.critic_steps=5")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("export", help="export a run's EMA student as a stock diffusers pipeline")
@@ -138,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="distill a bundled teacher into a one-step student and evaluate it")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--task", choices=sorted(DEMO_CONFIG), default="digits",
-                   help="digits: the class-conditional digits teacher (recipes/NAME_digits.yaml, FD-digits); text: "
-                        "the text-to-image shapes teacher (recipes/NAME_text.yaml, agreement and FD-shapes); "
-                        "text-flow: the flow-matching (SD3) shapes teacher (recipes/NAME_text_flow.yaml)")
+                   help="digits: the class-conditional digits teacher (recipes/digits/NAME.yaml, FD-digits); text: "
+                        "the text-to-image shapes teacher (recipes/text/NAME.yaml, agreement and FD-shapes); "
+                        "text-flow: the flow-matching (SD3) shapes teacher (recipes/text_flow/NAME.yaml)")
     d.add_argument("--teacher-steps", type=int, default=None, help="teacher sampling steps for the comparison "
                    "(default: 20 for every teacher, docs/teacher.md and docs/text_to_image.md)")
-    d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/NAME_<task>.yaml runs (digits: dmd2, scm, "
+    d.add_argument("--recipe", default="dmd2", help="recipe whose recipes/<task>/NAME.yaml runs (digits: dmd2, scm, "
                                                    "rcm, lcm, ...; text, text-flow: dmd2)")
-    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/NAME_<task>.yaml")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/<task>/NAME.yaml")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -14,7 +14,8 @@ Conventions for every section, base or recipe:
 
 Everything is checked when the config is loaded, before any model is loaded or any folder is written; an error
 is a :class:`ConfigError` whose message starts with the dotted key and says what was given and what is valid
-(written from the declaration by :func:`describe`). The files a config names are checked by distill/files.py.
+(written from the declaration by :func:`describe`). This module reads no file but the YAML: the files and folders a
+config names are checked one stage up, by `distill.training.preflight`, before anything is loaded or written.
 docs/config.md is the guide for recipe authors; tests/test_config_properties.py derives bad values for every key.
 """
 
@@ -31,15 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-#: the recipes' modules and YAML configs (`distill/recipes`, a link to the repository's top-level `recipes/`).
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-BUILTIN_PREFIX = "builtin:"
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the offending key (dotted) or file."""
-
+from distill.base.errors import ConfigError
+from distill.base.paths import RECIPES_DIR
 
 # ---------------------------------------------------------------------------------------------------------------
 # YAML: exponent floats without a dot (1e-4) are floats (PyYAML implements YAML 1.1, which reads them as strings)
@@ -115,10 +109,10 @@ class TeacherConfig(Section):
 class DataConfig(Section):
     name: Literal["digits", "prompts", "images", "toy"] = Field(
         "digits", description="the data set (digits: the train half of scikit-learn's digits, "
-                              "distill.data.digits_split; prompts: the lines of data.prompts, encoded once by the "
+                              "distill.data.digits.digits_split; prompts: the lines of data.prompts, encoded once by the "
                               "teacher pipeline's own text encoders and cached in data.cache_dir, no images; "
                               "images: the captioned images of data.images as the teacher pipeline's VAE latents "
-                              "(distill/latents.py); toy: 2-D points of the Gaussian mixture of distill/toy.py, "
+                              "(distill/data/images.py); toy: 2-D points of the Gaussian mixture of distill/data/toy.py, "
                               "resolution unused)")
     prompts: str | None = Field(None, min_length=1, pattern=PATH_PATTERN,
                                 description="a text file, one prompt per line (DiT: one class index per line), or "
@@ -398,13 +392,10 @@ def to_dict(obj: Any) -> Any:
 
 def recipe_module(name: str) -> types.ModuleType:
     """The module `distill.recipes.<name>`; a clear error lists the recipes that exist."""
-    try:
-        return importlib.import_module(f"distill.recipes.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"distill.recipes.{name}":
-            raise
-        found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}") from None
+    found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+    if name not in found:  # also keeps the config folders (recipes/digits/, ...) from passing as namespace modules
+        raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}")
+    return importlib.import_module(f"distill.recipes.{name}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -432,22 +423,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def resolve_path(path: str) -> Path:
-    """`builtin:NAME` -> the shipped asset folder; a Hugging Face model id (`org/name`, not a folder here) -> its
-    snapshot in the local Hugging Face cache, if downloaded (never fetched); anything else is a filesystem path."""
-    if path.startswith(BUILTIN_PREFIX):
-        return ASSETS / path[len(BUILTIN_PREFIX):]
-    local = Path(path).expanduser()
-    if not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # not in the cache (or no huggingface_hub): reported as a missing folder
-            return local
-    return local
-
-
 def require_images(cfg: Config, key: str, why: str) -> None:
     """For a recipe section's :meth:`Section.check_run`: refuse data without images, naming the dotted `key` at
     fault (`data.name`, or the recipe key that asks for images) and saying why the recipe needs them."""
@@ -457,8 +432,10 @@ def require_images(cfg: Config, key: str, why: str) -> None:
                           "images, encoded by the teacher pipeline's VAE)")
 
 
-def build_config(data: dict) -> Config:
-    """Validate a raw mapping (a parsed YAML file plus overrides) into a Config."""
+def parse_config(data: dict) -> Config:
+    """Validate a raw mapping (a parsed YAML file plus overrides) into a Config: types, ranges, choices and the
+    relations between keys, no file read. The files the config names are checked by
+    `distill.training.preflight.build_config`, which calls this first."""
     data = dict(data or {})
     recipe_data = data.pop("recipe", None)
     if not isinstance(recipe_data, dict) or "name" not in recipe_data:
@@ -474,43 +451,43 @@ def build_config(data: dict) -> Config:
     cfg = validate_section(Config, data)
     cfg.recipe_name = name
     cfg.recipe = validate_section(module.Config, recipe_data, "recipe")
-    # The files the config names, checked before anything is loaded or written (distill/files.py).
-    from distill.files import check_checkpoint, check_teacher_folder
-
-    check_teacher_folder(resolve_path(cfg.teacher.path), "teacher.path")
-    from distill.targets import check_exportable
-
-    # before training, with the reason: no stock pipeline, a size it would not sample, classes it does not have
-    check_exportable(resolve_path(cfg.teacher.path), cfg.teacher.prediction, resolution=cfg.data.resolution,
-                     num_frames=cfg.data.num_frames,
-                     prompts=resolve_path(cfg.data.prompts) if cfg.data.prompts else None)
-    if cfg.data.prompts is not None and not resolve_path(cfg.data.prompts).is_file():
-        raise ConfigError(f"data.prompts: {cfg.data.prompts!r} is not a file (one prompt per line)")
-    if cfg.data.images is not None:
-        from distill.latents import check_image_data
-
-        check_image_data(resolve_path(cfg.teacher.path), Path(cfg.data.images).expanduser(), cfg.teacher.prediction)
-    cfg.recipe.check_run(cfg)  # the recipe's relations to the data and the teacher, before anything is loaded
-    if cfg.trainer.resume not in (None, "latest"):
-        check_checkpoint(Path(cfg.trainer.resume).expanduser(), "trainer.resume")
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `key=value` overrides and validate it."""
-    path = Path(path)
+def shipped_config(path: Path) -> Path:
+    """`path` itself when it is a file, else the shipped config it names relative to `recipes/` (`digits/dmd2.yaml`,
+    or `recipes/digits/dmd2.yaml` from another folder), else `path`."""
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("recipes",) else path.parts
+    shipped = RECIPES_DIR.joinpath(*parts) if parts else path
+    return shipped if shipped.is_file() else path
+
+
+def moved_config(path: Path) -> str:
+    """For a config path of the flat layout (`recipes/dmd2_digits.yaml`, before configs were grouped by target
+    into `recipes/<target>/<recipe>.yaml`): the sentence that names its new place; "" for any other path."""
+    for group in sorted((p.name for p in RECIPES_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))),
+                        key=len, reverse=True):
+        suffix = f"_{group}.yaml"
+        if path.name.endswith(suffix) and (RECIPES_DIR / group / (path.name[: -len(suffix)] + ".yaml")).is_file():
+            new = f"recipes/{group}/{path.name[: -len(suffix)]}.yaml"
+            return f"; the shipped configs are grouped by target: {path.name} is now {new}"
+    return ""
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The mapping of a YAML config file with `key=value` overrides applied (validated by :func:`parse_config`)."""
+    path = shipped_config(Path(path))
     if not path.is_file():
-        shipped = RECIPES_DIR / path.name
-        path = shipped if shipped.is_file() else path
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist{moved_config(path)}")
     try:
         data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r}: the top level must be a mapping")
-    return build_config(apply_overrides(data, overrides or []))
+    return apply_overrides(data, overrides or [])
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from distill.base.batch import Batch, Condition, concat_conditions
 from distill.config import Config as RunConfig
 from distill.config import require
-from distill.denoiser import Denoiser
-from distill.families import Condition, concat_conditions
+from distill.models.denoiser import Denoiser
 from distill.parametrization import add_noise
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, dmd_loss
-from distill.trainer import Batch, frozen, unwrap
+from distill.training.recipe import frozen, unwrap
 
 
 class Config(dmd2.Config):

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from pydantic import Field, model_validator
-
-from distill.adapters import AdapterDenoiser, add_lora_adapters
+from distill.base.batch import Batch, Condition, concat_conditions
 from distill.config import Config as RunConfig
 from distill.config import Section, require, require_images
-from distill.denoiser import Denoiser
-from distill.export import rollout, step_input, student_from_teacher, student_prediction, student_schedule
-from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
+from distill.data.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
+from distill.models.adapters import AdapterDenoiser, add_lora_adapters
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import rollout, step_input, student_from_teacher, student_prediction, student_schedule
 from distill.parametrization import add_noise
-from distill.trainer import Batch, frozen, unwrap
+from distill.training.recipe import frozen, unwrap
 
 
 class Config(Section):
@@ -59,7 +58,7 @@ class Config(Section):
                                          "distance on the stored pairs")
     pairs: PairsConfig | None = Field(None, description="the pair store of the regression loss; null = none")
     adapters: bool = Field(False, description="one base in memory: student and fake score are LoRA adapters on "
-                                              "the frozen teacher (distill/adapters.py); the export merges them")
+                                              "the frozen teacher (distill/models/adapters.py); the export merges them")
     lora_rank: int = Field(32, ge=1, description="LoRA rank of each adapter (with adapters: true)")
 
     @model_validator(mode="after")

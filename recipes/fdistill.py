@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from distill.base.batch import Batch
 from distill.config import Config as RunConfig
 from distill.config import require
-from distill.denoiser import Denoiser
+from distill.models.denoiser import Denoiser
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, dmd_gradient, dmd_loss
-from distill.trainer import Batch, frozen
+from distill.training.recipe import frozen
 
 Divergence = Literal["reverse_kl", "forward_kl", "jensen_shannon", "squared_hellinger", "jeffreys", "neyman"]
 

@@ -1,11 +1,11 @@
 """InstaFlow: a one-step student regressed on a (reflowed) flow's ODE pairs (Liu et al. 2023, arXiv 2309.06380,
 sec. 3, "distillation"; Liu et al. 2022, arXiv 2209.03003, sec. 2.3).
 
-With pairs (z, x1) from the flow's ODE (distill.pairs, teacher.path = the flow), the student G is trained so that
+With pairs (z, x1) from the flow's ODE (distill.data.pairs, teacher.path = the flow), the student G is trained so that
 G(z) = x1:  loss = d(G(z), x1)  with d = L2, pseudo-Huber, or a perceptual network (LPIPS in the papers).
 
 The student is the flow's network in the export target's parametrization (EDM -> "cm",
-distill.export.student_from_teacher), and G(z) is its single step from sigma_max z: exactly what the stock
+distill.models.schedules.student_from_teacher), and G(z) is its single step from sigma_max z: exactly what the stock
 ConsistencyModelPipeline computes (its output is then clipped to [-1, 1], as `rollout` does), so the exported
 sampler is the function that was regressed. The first-order flow step from s_max is the same x0 estimate, so the
 student starts as the flow's one-step Euler sampler.
@@ -22,12 +22,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from distill.base.batch import Condition, concat_conditions
+from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
-from distill.config import ConfigError, Section
-from distill.denoiser import Denoiser
-from distill.export import rollout, student_from_teacher, student_schedule
-from distill.families import Condition, concat_conditions
-from distill.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
+from distill.config import Section
+from distill.data.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.recipes.reflow import flow_range, flow_velocity, parameter_count, vp_latent_teacher
 
 

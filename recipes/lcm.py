@@ -12,7 +12,7 @@ Boundary condition f(x, t_0) = x at the grid's clean end: the target at level 0 
 the export target's consistency-model network, x0 = c_skip x + c_out F with CMStochasticIterativeScheduler's
 scalings (c_skip = 1, c_out = 0 at sigma_min), which gives exactly that. A VP or flow student keeps its teacher's
 prediction, as its export target samples it (LCMScheduler with the boundary scalings off, stochastic
-FlowMatchEulerDiscreteScheduler; distill/targets.py), so the boundary is imposed on the target instead. (LCM's
+FlowMatchEulerDiscreteScheduler; distill/families/target.py), so the boundary is imposed on the target instead. (LCM's
 `timestep_scaling` = 10 builds it into SD's network; the export's own sampler is the one that must hold here.)
 
 Guidance: the teacher's guidance w is fixed (`teacher.guidance_scale`) and distilled in. LCM feeds w as an input
@@ -29,13 +29,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distill.base.batch import Batch, Condition
+from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
-from distill.config import ConfigError, Section, require, require_images
-from distill.denoiser import Denoiser
-from distill.export import check_custom_timesteps, rollout, student_from_teacher, student_schedule
-from distill.families import Condition
+from distill.config import Section, require, require_images
+from distill.export.checks import check_custom_timesteps
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.parametrization import _bcast, add_noise
-from distill.trainer import Batch, unwrap
+from distill.training.recipe import unwrap
 
 
 class Config(Section):

@@ -9,7 +9,7 @@ scheduler's timesteps), so the experts meet exactly where the stock scheduler sw
 
 with s the level the scheduler's step re-noises to (`schedule.renoise_time(k + 1)`): for
 CMStochasticIterativeScheduler (EDM, alpha = 1) sigma_s^2 = sigma_{k+1}^2 - sigma_min^2; for the latent families'
-schedulers (LCMScheduler, stochastic FlowMatchEulerDiscreteScheduler; distill.targets) s = t_{k+1} itself; after
+schedulers (LCMScheduler, stochastic FlowMatchEulerDiscreteScheduler; distill.families.target) s = t_{k+1} itself; after
 the last step the sample is clean (alpha_s = 1, sigma_s = 0).
 
 Two ideas of the paper, as implemented here:
@@ -50,15 +50,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distill.base.batch import Batch, Condition
+from distill.base.paths import resolve_path
 from distill.config import Config as RunConfig
-from distill.config import Section, require, resolve_path
-from distill.denoiser import Denoiser
-from distill.export import (StudentSchedule, check_expert_export, export_experts, rollout, student_from_teacher,
-                           student_schedule)
-from distill.families import Condition
-from distill.parametrization import Process, _bcast, add_noise, log_snr
+from distill.config import Section, require
+from distill.export.checks import check_expert_export
+from distill.export.pipeline import export_experts
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import StudentSchedule, rollout, student_from_teacher, student_schedule
+from distill.parametrization import Process, _bcast, log_snr
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
-from distill.trainer import Batch, unwrap
+from distill.training.recipe import unwrap
 
 
 class Config(Section):

@@ -17,17 +17,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distill.base.batch import Batch, Condition
 from distill.config import Config as RunConfig
 from distill.config import require
-from distill.denoiser import Denoiser
-from distill.families import Condition
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import rollout, step_input
 from distill.parametrization import add_noise, flow_shift, trigflow_from_x0, trigflow_to_native
 from distill.recipes.dmd2 import FakeScore, denoising_loss, dmd_gradient, dmd_loss
-from distill.recipes.scm import SCM
+from distill.recipes.scm import SCM, scm_loss
 from distill.recipes.scm import Config as SCMConfig
-from distill.recipes.scm import scm_loss
-from distill.export import rollout, step_input
-from distill.trainer import Batch, unwrap
+from distill.training.recipe import unwrap
 
 
 class Config(SCMConfig):

@@ -1,6 +1,6 @@
 """k-rectified flow ("reflow") on teacher ODE pairs (Liu et al. 2022, arXiv 2209.03003; InstaFlow, arXiv 2309.06380).
 
-Given pairs (z, x1) with x1 the teacher's ODE solution from the noise z (distill.pairs), train a flow on the straight
+Given pairs (z, x1) with x1 the teacher's ODE solution from the noise z (distill.data.pairs), train a flow on the straight
 interpolation between them (Liu et al. eq. 1 with the coupling (z, x1) in place of independent draws):
 
     x_s = (1 - s) x1 + s z,   s ~ U[s_min, s_max],   loss = || v(x_s, s) - (z - x1) ||^2.
@@ -48,11 +48,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distill.base.batch import Condition
+from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
-from distill.config import ConfigError, Section, require
-from distill.denoiser import Denoiser
-from distill.families import Condition
-from distill.pairs import PairDataset, PairsConfig, is_text_store, open_pairs
+from distill.config import Section, require
+from distill.data.pairs import PairDataset, PairsConfig, is_text_store, open_pairs
+from distill.models.denoiser import Denoiser
 from distill.parametrization import EDMProcess, FlowProcess
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -96,8 +97,9 @@ def vp_latent_teacher(cfg: RunConfig) -> str | None:
     view the reflow recipes do not support yet. Teachers with other faults are left to their own checks."""
     if not is_text_store(cfg):
         return None
-    from distill.config import resolve_path
-    from distill.targets import ExportRefused, teacher_target
+    from distill.base.errors import ExportRefused
+    from distill.base.paths import resolve_path
+    from distill.families.target import teacher_target
 
     try:
         target = teacher_target(resolve_path(cfg.teacher.path), cfg.teacher.prediction)[0]
@@ -200,9 +202,9 @@ def sample_flow(flow: Denoiser, cond: Condition, noise: Tensor, num_steps: int) 
 def pipeline_flow_grid(flow: Denoiser, num_steps: int) -> Tensor | None:
     """The k + 1 flow times (k = num_steps, the last 0) a latent flow family's pipeline visits with its Euler ODE
     scheduler (`Target.ode_scheduler`, set as the pipeline sets it); None for a network without a stock pipeline."""
-    from distill.export import _latent_target
+    from distill.models.schedules import latent_target
 
-    target = _latent_target(flow)
+    target = latent_target(flow)
     if target is None:
         return None
     src = flow.source
@@ -251,9 +253,10 @@ def parameter_count(module: nn.Module) -> int:
 def write_flow_pipeline(flow: Denoiser, out_dir: str | Path, num_steps: int, config=None) -> Path:
     """A latent flow family's reflowed flow as its stock pipeline (the teacher's VAE, text encoders and tokenizers)
     with the deterministic Euler ODE scheduler at the teacher's shift, written atomically."""
-    from distill.export import _latent_target, _replace_dir, seeding_line
+    from distill.export.pipeline import replace_dir, seeding_line
+    from distill.models.schedules import latent_target
 
-    target, src = _latent_target(flow), flow.source
+    target, src = latent_target(flow), flow.source
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
@@ -284,14 +287,14 @@ def write_flow_pipeline(flow: Denoiser, out_dir: str | Path, num_steps: int, con
         "- guidance: off; the teacher's classifier-free guidance is in the pairs the flow was trained on\n"
         + seeding_line(seed) +
         "- also usable as `teacher.path` (for `distill pairs` of the next reflow round, or InstaFlow)\n")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
 def write_flow_folder(flow: Denoiser, out_dir: str | Path, source_dir: Path | None, config=None) -> Path:
     """The flow as a teacher-format folder (`unet/` with every class row, `scheduler/` copied from the teacher it
     came from), written atomically; usable as `teacher.path` (e.g. by `distill pairs` for the next reflow)."""
-    from distill.export import _replace_dir
+    from distill.export.pipeline import replace_dir
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
@@ -314,7 +317,7 @@ def write_flow_folder(flow: Denoiser, out_dir: str | Path, source_dir: Path | No
         f"(`teacher.prediction: {flow.prediction}`). Not a stock pipeline: no stock diffusers pipeline runs a "
         "deterministic ODE for a class-conditional UNet2DModel. Use it as `teacher.path` in a distill config "
         "(`distill pairs` for the next reflow round, or recipes/instaflow.py for its one-step student).\n")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -360,7 +363,7 @@ class Reflow:
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
         """The flow's Euler ODE sample with student.num_steps steps: on its pipeline's sigmas (latent families,
         what the export samples; latents are not clipped), else evenly spaced and clipped to [-1, 1]."""
-        from distill.trainer import unwrap
+        from distill.training.recipe import unwrap
 
         grid = pipeline_flow_grid(unwrap(generator), self.num_steps)
         if grid is None:
@@ -375,13 +378,13 @@ class Reflow:
 
 
 def unwrap_process(net: nn.Module):
-    from distill.trainer import unwrap
+    from distill.training.recipe import unwrap
 
     return unwrap(net).process
 
 
 def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> Reflow:
-    from distill.config import resolve_path
+    from distill.base.paths import resolve_path
 
     pairs = open_pairs(cfg.recipe.pairs, dataset)
     recipe = Reflow(cfg.recipe, teacher, resolve_path(cfg.teacher.path), pairs, cfg.student.num_steps)

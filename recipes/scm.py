@@ -10,7 +10,7 @@ taken along the PF-ODE. With the paper's weighting it is the gradient of the mea
 
 sd dF^-/dt comes from ONE forward-mode JVP of the stop-gradient student with tangents (dx_t/dt, 1), both
 multiplied by cos(t) sin(t) ("JVP rearrangement", sec. 4.2, keeps half precision finite), through
-`distill.jvp.jvp` (exact forward AD with attention through the JVP kernel, or a central finite difference). The
+`distill.models.jvp.jvp` (exact forward AD with attention through the JVP kernel, or a central finite difference). The
 student's output with gradient comes from a separate forward. Stabilisers (sec. 4.2-4.3): tangent normalisation
 g / (||g|| + c) or clipping; tangent warmup r = min(1, step / H); adaptive weighting with a learned log-variance
 u(t):  loss = exp(-u) ||F_theta - F^- - g||^2 / D + u  (the paper's exp(w)/D ||.||^2 - w with w = -u).
@@ -49,14 +49,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distill.base.batch import Batch, Condition
 from distill.config import Config as RunConfig
 from distill.config import Section, require, require_images
-from distill.denoiser import Denoiser
-from distill.export import check_custom_timesteps, rollout, student_from_teacher, student_schedule
-from distill.families import Condition
-from distill.jvp import jvp
+from distill.export.checks import check_custom_timesteps
+from distill.models.denoiser import Denoiser
+from distill.models.jvp import jvp
+from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.parametrization import _bcast, edm_sigma_range, trigflow_from_x0, trigflow_to_native
-from distill.trainer import Batch, unwrap
+from distill.training.recipe import unwrap
 
 
 class Config(Section):

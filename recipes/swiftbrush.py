@@ -24,15 +24,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from distill.adapters import AdapterDenoiser, add_lora_adapters
+from distill.base.batch import Batch, Condition
 from distill.config import Config as RunConfig
 from distill.config import require
-from distill.denoiser import Denoiser
-from distill.export import student_from_teacher, student_prediction, student_schedule
-from distill.families import Condition
+from distill.models.adapters import AdapterDenoiser, add_lora_adapters
+from distill.models.denoiser import Denoiser
+from distill.models.schedules import student_from_teacher, student_prediction, student_schedule
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, FakeScore, denoising_loss, dmd_gradient, dmd_loss
-from distill.trainer import Batch, unwrap
+from distill.training.recipe import unwrap
 
 
 class Config(dmd2.Config):

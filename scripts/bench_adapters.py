@@ -49,8 +49,9 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from distill.config import load_config
-    from distill.trainer import Trainer, unwrap
+    from distill.training.preflight import load_config
+    from distill.training.trainer import Trainer
+    from distill.training.recipe import unwrap
 
     baseline = _rss_mib()  # after imports, before any model
     overrides = [f"teacher.path={spec['teacher']}", f"run.output_dir={spec['run']}", f"data.resolution={spec['res']}",
@@ -58,7 +59,7 @@ def child(spec: dict) -> None:
                  "trainer.sample_every=0", "trainer.checkpoint_every=0", "export.at_end=false",
                  "trainer.critic_steps=1", "recipe.gan=true", f"recipe.adapters={str(spec['adapters']).lower()}",
                  f"recipe.lora_rank={spec['rank']}"]
-    trainer = Trainer(load_config(REPO / "recipes" / "dmd2_digits.yaml", overrides))
+    trainer = Trainer(load_config(REPO / "recipes" / "digits/dmd2.yaml", overrides))
     r = trainer.recipe
     trainable = sum(p.numel() for m in (r.generator, r.critic) for p in unwrap(m).parameters() if p.requires_grad)
     base_params = sum(p.numel() for n, p in r.teacher.model.named_parameters() if ".lora_" not in n)

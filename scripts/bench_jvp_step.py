@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from distill.config import load_config
-from distill.trainer import Trainer
+from distill.training.preflight import load_config
+from distill.training.trainer import Trainer
 
 
 def timed(fn, repeats: int) -> float:
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config("scm_digits.yaml", ["run.output_dir=/tmp/bench_jvp_step", f"data.batch_size={args.batch_size}",
+    cfg = load_config("digits/scm.yaml", ["run.output_dir=/tmp/bench_jvp_step", f"data.batch_size={args.batch_size}",
                                           "trainer.progress_bar=false"])
     trainer = Trainer(cfg)
     recipe = trainer.recipe

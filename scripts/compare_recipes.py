@@ -1,12 +1,12 @@
 """The headline table: every registered recipe on the digits teacher at the same budget.
 
-A recipe takes part when `recipes/<name>_digits.yaml` exists (a new recipe joins by adding its config). For
+A recipe takes part when `recipes/digits/<name>.yaml` exists (a new recipe joins by adding its config). For
 each recipe and each step count k of `--steps` a student is trained FOR k steps (`student.num_steps=k`, so
 multi-step recipes run their own k-step training; Phased DMD gets k phases) for `--budget` generator updates,
 then scored at its trained step count. Samples are the EMA student's own k-step rollout (`recipe.generate`,
 which the export tests show equals its exported pipeline called with `num_inference_steps=k`), 898 images, labels
 0..9 in turn, fixed noise. Figures: FD-digits, classifier accuracy, precision and recall
-(`distill.metrics.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of the same
+(`distill.evaluation.metrics.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of the same
 class, averaged over classes) and training seconds. The real train half gives the reference row.
 
 Resumable: results live in `<out>/compare/results.json`, keyed by recipe, steps and budget; a measured entry is
@@ -45,8 +45,8 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 
 def digits_configs() -> dict[str, Path]:
-    """name -> config for every recipes/<name>_digits.yaml."""
-    from distill.recipe_registry import recipe_configs
+    """name -> config for every recipes/digits/<name>.yaml."""
+    from distill.training.registry import recipe_configs
 
     return recipe_configs("digits")
 
@@ -71,10 +71,10 @@ def grid_name(name: str, steps: int, overrides: list[str]) -> str:
 
 def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
             overrides: list[str], grids: Path | None = None) -> dict:
-    from distill.config import load_config
-    from distill.imaging import save_grid
-    from distill.pairs import ensure_store
-    from distill.trainer import Trainer
+    from distill.training.preflight import load_config
+    from distill.base.imaging import save_grid
+    from distill.data.pairs import ensure_store
+    from distill.training.trainer import Trainer
 
     extra = [f"run.output_dir={workdir / f'{name}_{steps}'}", f"student.num_steps={steps}",
              "trainer.progress_bar=false", "export.at_end=false", "trainer.checkpoint_every=0",
@@ -285,8 +285,9 @@ def run_in_parallel(cells: list[tuple[int, str, int]], total: int, jobs: int, ar
     """Measure `cells` ((index, name, steps), none measured yet) `jobs` at a time, each in a child process of this
     script (one thread, its own --out under `tmp`); each child's entry and grid join `results` as it ends. Returns
     how many cells failed (each said with its log's last lines; the others go on)."""
-    from distill.config import ConfigError, load_config
-    from distill.pairs import ensure_store
+    from distill.base.errors import ConfigError
+    from distill.training.preflight import load_config
+    from distill.data.pairs import ensure_store
 
     for name in dict.fromkeys(name for _, name, _ in cells):  # shared pair stores: made here once, not raced for
         try:
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=None, help="generator updates per student (default: each config's)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts, each trained")
-    ap.add_argument("--recipes", nargs="*", default=None, help="names (default: every recipes/*_digits.yaml)")
+    ap.add_argument("--recipes", nargs="*", default=None, help="names (default: every recipes/digits/*.yaml)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     ap.add_argument("--report-only", action="store_true",
@@ -350,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected a count of 1 or more, got {args.jobs}")
     torch.set_num_threads(1)
-    from distill.config import ConfigError
-    from distill.metrics import FDDigits
-    from distill.recipe_registry import recipe_configs
+    from distill.base.errors import ConfigError
+    from distill.evaluation.metrics import FDDigits
+    from distill.training.registry import recipe_configs
 
     try:
         configs = recipe_configs("digits", args.recipes)
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         results_file.write_text(json.dumps(results, indent=2) + "\n")
         print(f"merged {added} new entries from {len(args.merge)} folder(s)", flush=True)
     judge = FDDigits(resolution=16)
-    from distill.data import digits_split
+    from distill.data.digits import digits_split
 
     held_out, held_labels = digits_split("train", 16)  # the real train half B (judge.held_out) with its labels
     reference = judge.report(held_out, held_labels)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.config import load_config
-from distill.evaluate import DEFAULT_TEACHER_STEPS, compare_teacher_student
+from distill.training.preflight import load_config
+from distill.evaluation.digits import DEFAULT_TEACHER_STEPS, compare_teacher_student
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from distill.config import resolve_path
-from distill.denoiser import load_denoiser
-from distill.evaluate import student_images
-from distill.metrics import FDDigits
+from distill.base.paths import resolve_path
+from distill.models.denoiser import load_denoiser
+from distill.evaluation.digits import student_images
+from distill.evaluation.metrics import FDDigits
 from distill.recipes.reflow import flow_straightness, sample_flow
-from distill.sampling import sample
+from distill.models.sampling import sample
 
 
 def named(text: str) -> tuple[str, str]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from distill.config import load_config
-from distill.evaluate import student_images, teacher_images
-from distill.imaging import save_grid
-from distill.metrics import FDDigits
+from distill.training.preflight import load_config
+from distill.evaluation.digits import student_images, teacher_images
+from distill.base.imaging import save_grid
+from distill.evaluation.metrics import FDDigits
 
 
 def main() -> None:

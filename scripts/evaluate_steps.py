@@ -5,9 +5,9 @@ import argparse
 
 import torch
 
-from distill.evaluate import student_images
-from distill.imaging import save_grid
-from distill.metrics import FDDigits
+from distill.evaluation.digits import student_images
+from distill.base.imaging import save_grid
+from distill.evaluation.metrics import FDDigits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("runs", nargs="+")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from distill.config import resolve_path
-from distill.denoiser import load_denoiser
-from distill.metrics import FDDigits
-from distill.optional import exit_if_missing, require
-from distill.sampling import sample
+from distill.base.paths import resolve_path
+from distill.models.denoiser import load_denoiser
+from distill.evaluation.metrics import FDDigits
+from distill.base.optional import exit_if_missing, require
+from distill.models.sampling import sample
 
 
 def measure(teacher, judge: FDDigits, steps: list[int], guidance: list[float], seed: int) -> list[dict]:

@@ -6,7 +6,7 @@
 Each row samples the judge's 960 protocol captions (20 per caption) with the teacher folder's own pipeline and
 sampler (the VP `text_teacher`: StableDiffusionPipeline, DPM-Solver++(2M); the `flow_text_teacher`:
 StableDiffusion3Pipeline, flow-matching Euler), seed 1234, and scores them with the shapes judge
-(distill/shapes_judge.py; FD-shapes is not Inception FID). Prints a markdown table.
+(distill/demo/shapes_judge.py; FD-shapes is not Inception FID). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from distill.config import resolve_path
-from distill.evaluate_text import pipeline_images
-from distill.shapes_judge import ShapesJudge
+from distill.base.paths import resolve_path
+from distill.demo.evaluate_text import pipeline_images
+from distill.demo.shapes_judge import ShapesJudge
 
 
 def main() -> None:

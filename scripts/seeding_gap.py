@@ -25,8 +25,9 @@ def main() -> None:
     from diffusers import DiffusionPipeline
     from tiny_pipelines import BUILDERS
 
-    from distill.denoiser import load_denoiser
-    from distill.export import export_pipeline, student_from_teacher
+    from distill.models.denoiser import load_denoiser
+    from distill.export.pipeline import export_pipeline
+    from distill.models.schedules import student_from_teacher
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp())

@@ -1,9 +1,9 @@
 """Every recipe on the 2-D toy with known truth: train, sample, score against the true mixture, draw.
 
-Each `recipes/<name>_toy.yaml` is one entry (a new recipe joins by adding its toy config). For each, the script
+Each `recipes/toy/<name>.yaml` is one entry (a new recipe joins by adding its toy config). For each, the script
 trains for `--budget` generator updates (the config's run.max_steps when omitted), draws `--samples` points from
 the EMA student (`recipe.generate`, the student's own k-step rollout), scores them with
-`distill.toy_metrics.toy_report`, writes `docs/toy/<name>.png` (samples over the true density's contours) and
+`distill.demo.toy_metrics.toy_report`, writes `docs/toy/<name>.png` (samples over the true density's contours) and
 the table `docs/toy_recipes.md` (with the teacher's and the true mixture's own rows). Resumable: a recipe measured
 with the same flags (`docs/toy/measured.json`) is not retrained.
 
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def toy_configs() -> dict[str, Path]:
-    """name -> config for every recipes/<name>_toy.yaml."""
-    from distill.recipe_registry import recipe_configs
+    """name -> config for every recipes/toy/<name>.yaml."""
+    from distill.training.registry import recipe_configs
 
     return recipe_configs("toy")
 
@@ -59,10 +59,10 @@ def draw_samples(points: torch.Tensor, mixture, path: Path, title: str, size: in
 
 
 def teacher_points(n: int, steps: int, seed: int) -> torch.Tensor:
-    """The toy teacher's own samples (DPM-Solver++(2M), `distill.sampling.sample`) from the students' noise."""
-    from distill.config import resolve_path
-    from distill.denoiser import load_denoiser
-    from distill.sampling import sample
+    """The toy teacher's own samples (DPM-Solver++(2M), `distill.models.sampling.sample`) from the students' noise."""
+    from distill.base.paths import resolve_path
+    from distill.models.denoiser import load_denoiser
+    from distill.models.sampling import sample
 
     teacher = load_denoiser(resolve_path("builtin:toy_teacher"), prediction="edm")
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))  # standard normal; sample() scales it
@@ -71,11 +71,11 @@ def teacher_points(n: int, steps: int, seed: int) -> torch.Tensor:
 
 def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, workdir: Path,
                extra: list[str] = ()) -> tuple[dict, torch.Tensor]:
-    from distill.config import load_config
-    from distill.toy import toy_mixture
-    from distill.pairs import ensure_store
-    from distill.toy_metrics import toy_report
-    from distill.trainer import Trainer
+    from distill.training.preflight import load_config
+    from distill.data.toy import toy_mixture
+    from distill.data.pairs import ensure_store
+    from distill.demo.toy_metrics import toy_report
+    from distill.training.trainer import Trainer
 
     overrides = [f"run.output_dir={workdir / name}", "trainer.progress_bar=false", "export.at_end=false",
                  "trainer.checkpoint_every=0", "trainer.sample_every=0", *extra]
@@ -108,8 +108,8 @@ COLUMNS = [("modes_covered", "modes covered", "{:.0f}/8"), ("on_mode", "on-mode"
 def write_table(rows: list[dict], path: Path, command: str) -> Path:
     lines = ["# Recipes on the 2-D toy with known truth", "",
              "8 Gaussians on a ring (radius 0.7, std 0.05, weights 0.2, 0.2, 0.15, 0.15, 0.1, 0.1, 0.05, 0.05; "
-             "`distill.toy.toy_mixture`), an EDM-preconditioned MLP teacher (`distill/assets/toy_teacher`), "
-             "metrics of `distill.toy_metrics` on 4,000 student samples. NLL under the true mixture: the true "
+             "`distill.data.toy.toy_mixture`), an EDM-preconditioned MLP teacher (`distill/assets/toy_teacher`), "
+             "metrics of `distill.demo.toy_metrics` on 4,000 student samples. NLL under the true mixture: the true "
              "samples' own row is the reference (lower = crowded on heavy modes, higher = off the modes).", "",
              f"Command: `{command}`", "",
              "| recipe | steps | updates | train s | " + " | ".join(c[1] for c in COLUMNS) + " |",
@@ -140,7 +140,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=None, help="generator updates per recipe (default: its config)")
-    ap.add_argument("--recipes", nargs="*", default=None, help="names (default: every recipes/*_toy.yaml)")
+    ap.add_argument("--recipes", nargs="*", default=None, help="names (default: every recipes/toy/*.yaml)")
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--teacher-steps", type=int, default=20, help="DPM-Solver++(2M) steps of the teacher's row")
     ap.add_argument("--seed", type=int, default=0)
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from distill.toy import toy_mixture
-    from distill.recipe_registry import recipe_configs
+    from distill.data.toy import toy_mixture
+    from distill.training.registry import recipe_configs
 
     try:
         configs = recipe_configs("toy", args.recipes)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     names = list(configs)
     mixture = toy_mixture(torch.float64)
-    from distill.toy_metrics import toy_report
+    from distill.demo.toy_metrics import toy_report
 
     truth, _ = mixture.sample(args.samples, torch.Generator().manual_seed(args.seed + 1))
     rows = [{**toy_report(mixture, truth, seed=args.seed), "recipe": "true mixture"}]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from distill.data import NUM_DIGIT_CLASSES, load_digits
-from distill.metrics import CONFIG_NAME, DIGITS_CLASSIFIER_DIR, WEIGHTS_NAME, DigitsClassifier
+from distill.data.digits import NUM_DIGIT_CLASSES, load_digits
+from distill.evaluation.metrics import CONFIG_NAME, DIGITS_CLASSIFIER_DIR, WEIGHTS_NAME, DigitsClassifier
 
 
 def stratified_split(

@@ -21,8 +21,8 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from distill.data import NUM_DIGIT_CLASSES, digits_split, load_digits
-from distill.denoiser import Denoiser
+from distill.data.digits import NUM_DIGIT_CLASSES, digits_split, load_digits
+from distill.models.denoiser import Denoiser
 from distill.parametrization import EDMProcess, add_noise
 
 SIGMA_DATA = 0.5
@@ -64,8 +64,8 @@ def write_model_card(out: Path, args: argparse.Namespace, info: dict) -> None:
         "Preconditioning: EDM with sigma_data = 0.5, network input c_in x = x / sqrt(sigma^2 + 0.25) and time\n"
         "c_noise = 250 log(sigma) (the conventions of `CMStochasticIterativeScheduler`, whose config in `scheduler/`\n"
         "stores sigma_min, sigma_max and sigma_data); output F with x0 = c_skip x + c_out F (EDM scalings).\n"
-        "It is a multi-step model: load it with `distill.denoiser.load_denoiser(path, prediction='edm')` and sample\n"
-        "with `distill.sampling.sample` (its default: 20 DPM-Solver++(2M) steps on the Karras grid, w = 1).\n"
+        "It is a multi-step model: load it with `distill.models.denoiser.load_denoiser(path, prediction='edm')` and sample\n"
+        "with `distill.models.sampling.sample` (its default: 20 DPM-Solver++(2M) steps on the Karras grid, w = 1).\n"
         "See docs/teacher.md for its FD-digits curve and the ablation behind the training settings.\n\n"
         f"Trained with `python scripts/train_digits_teacher.py {command}`\n"
         f"({info['train_seconds']:.0f} s wall on the training machine).\n\n"

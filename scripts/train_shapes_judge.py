@@ -1,5 +1,5 @@
 """Train the text-to-image judge: a small CNN classifier of a caption's attributes (shape, colour, position) on the
-train split of the captioned shapes (distill/shapes.py).
+train split of the captioned shapes (distill/demo/shapes.py).
 
     python scripts/train_shapes_judge.py            # writes distill/assets/shapes_judge/
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from distill.metrics import CONFIG_NAME, WEIGHTS_NAME
-from distill.shapes import shapes_split
-from distill.shapes_judge import SHAPES_JUDGE_DIR, ShapesClassifier, ShapesJudge, attribute_loss
+from distill.evaluation.metrics import CONFIG_NAME, WEIGHTS_NAME
+from distill.demo.shapes import shapes_split
+from distill.demo.shapes_judge import SHAPES_JUDGE_DIR, ShapesClassifier, ShapesJudge, attribute_loss
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -91,7 +91,7 @@ def main() -> None:
     training = {
         "command": (f"python scripts/train_shapes_judge.py --seed {args.seed} --epochs {args.epochs} "
                     f"--batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}"),
-        "data": "distill.shapes train split (4,800 images); scored on the reference split (960), never trained on",
+        "data": "distill.demo.shapes train split (4,800 images); scored on the reference split (960), never trained on",
         "train": {k: round(v, 4) for k, v in train.items()},
         "reference": {k: round(v, 4) for k, v in held_out.items()},
         "fd_shapes_floor": round(judge.floor(), 4),

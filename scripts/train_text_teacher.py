@@ -43,7 +43,7 @@ Both families keep an EMA of the network. The folder is a stock diffusers pipeli
 (`DiffusionPipeline.from_pretrained(folder)("a red circle at the top left", num_inference_steps=20,
 guidance_scale=...)`; sd3: `from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`, as diffusers loads
 any SD3 without T5); it also holds `prompts.txt` (the 48 captions: the `data.prompts` of the text recipes),
-`training_args.json` and a model card. Only the train split of distill/shapes.py is read.
+`training_args.json` and a model card. Only the train split of distill/demo/shapes.py is read.
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ from diffusers import (AutoencoderTiny, DPMSolverMultistepScheduler, FlowMatchEu
 from diffusers.training_utils import EMAModel
 from torch.overrides import TorchFunctionMode
 
-from distill.denoiser import Denoiser, process_from_scheduler_config
+from distill.models.denoiser import Denoiser, process_from_scheduler_config
 from distill.parametrization import add_noise
-from distill.shapes import CAPTIONS, NUM_CAPTIONS, RESOLUTION, shapes_split
-from distill.targets import TARGETS
+from distill.demo.shapes import CAPTIONS, NUM_CAPTIONS, RESOLUTION, shapes_split
+from distill.families.target import TARGETS
 
 MAX_TOKENS = 10  # <start> + up to 8 words + <end>
 TEXT_WIDTH = 32
@@ -269,7 +269,7 @@ MODEL_CARDS = {
     "sd": ("# distill text teacher\n\n"
            "A tiny text-to-image model: a stock `StableDiffusionPipeline` (UNet2DConditionModel on 12x12x4 latents,\n"
            "AutoencoderTiny with VAE factor 2, a one-layer CLIPTextModel and a word-level CLIPTokenizer) trained by\n"
-           "`scripts/train_text_teacher.py` on the train split of the captioned shapes of `distill/shapes.py`\n"
+           "`scripts/train_text_teacher.py` on the train split of the captioned shapes of `distill/demo/shapes.py`\n"
            "(24x24 RGB; captions like \"a red circle at the top left\": 3 shapes x 4 colours x 4 positions).\n"
            "The text encoder is random and frozen; the VAE (the TAESD architecture) and the UNet are trained. Cosine "
            "VP schedule, v-prediction,\n10% empty captions for classifier-free guidance (uncond + w (cond - uncond))."
@@ -277,14 +277,14 @@ MODEL_CARDS = {
            "pipe = StableDiffusionPipeline.from_pretrained(\"distill/assets/text_teacher\")\n"
            "images = pipe([\"a red circle at the top left\"], num_inference_steps=20, guidance_scale=3.0).images  "
            "# 24x24\n```\n\n"
-           "`prompts.txt` holds the 48 captions (the prompts of `recipes/dmd2_text.yaml`). Figures: "
+           "`prompts.txt` holds the 48 captions (the prompts of `recipes/text/dmd2.yaml`). Figures: "
            "docs/text_to_image.md.\n\n"),
     "sd3": ("# distill flow-matching text teacher\n\n"
             "A tiny rectified-flow text-to-image model: a stock `StableDiffusion3Pipeline` (SD3Transformer2DModel,\n"
             "patch 2 on 12x12x4 latents, width 64, 4 joint blocks; AutoencoderTiny with VAE factor 2, the VAE of\n"
             "`distill/assets/text_teacher`; two one-layer CLIPTextModelWithProjection and a word-level CLIPTokenizer;\n"
             "no T5: `text_encoder_3` is None) trained by `scripts/train_text_teacher.py --family sd3` on the train\n"
-            "split of the captioned shapes of `distill/shapes.py` (24x24 RGB; captions like \"a red circle at the\n"
+            "split of the captioned shapes of `distill/demo/shapes.py` (24x24 RGB; captions like \"a red circle at the\n"
             "top left\"). The text encoders are random and frozen; the transformer is trained with the rectified-flow\n"
             "loss at logit-normal times (SD3), 10% empty captions for classifier-free guidance.\n\n"
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
@@ -292,7 +292,7 @@ MODEL_CARDS = {
             "                                         tokenizer_3=None)  # no T5: diffusers needs both named\n"
             "images = pipe([\"a red circle at the top left\"], num_inference_steps=20, guidance_scale=1.5)"
             ".images  # 24x24\n```\n\n"
-            "`prompts.txt` holds the 48 captions (the prompts of `recipes/dmd2_text_flow.yaml`). Figures: "
+            "`prompts.txt` holds the 48 captions (the prompts of `recipes/text_flow/dmd2.yaml`). Figures: "
             "docs/text_to_image.md.\n\n"),
 }
 

@@ -1,11 +1,11 @@
-"""Train the bundled 2-D toy teacher: an EDM-preconditioned `ToyMLP` on the Gaussian mixture of distill/toy.py.
+"""Train the bundled 2-D toy teacher: an EDM-preconditioned `ToyMLP` on the Gaussian mixture of distill/data/toy.py.
 
 Stored like the digits teacher (a `CMStochasticIterativeScheduler` config: c_in x, c_noise = 250 log sigma,
 x0 = c_skip x + c_out F; Karras et al. 2022, Table 1), so every recipe distils it unchanged.
 
     OMP_NUM_THREADS=1 python scripts/train_toy_teacher.py --out distill/assets/toy_teacher --steps 4000
 
-Prints the teacher's error against the exact denoiser of the mixture (distill.toy) at a few noise levels.
+Prints the teacher's error against the exact denoiser of the mixture (distill.data.toy) at a few noise levels.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from diffusers import CMStochasticIterativeScheduler
 from diffusers.training_utils import EMAModel
 
-from distill.denoiser import Denoiser
+from distill.models.denoiser import Denoiser
 from distill.families.toy import ToyFamily, ToyMLP
 from distill.parametrization import EDMProcess, add_noise
-from distill.toy import toy_mixture
+from distill.data.toy import toy_mixture
 
 SIGMA_DATA = 0.5
 
@@ -79,7 +79,7 @@ def main() -> None:
     sched.save_pretrained(out / "scheduler")
     (out / "README.md").write_text(
         "# distill toy teacher\n\nAn EDM-preconditioned `distill.families.toy.ToyMLP` (class 0 = the data, class 1 = "
-        "the null class for CFG) trained on the 8-mode ring of `distill.toy.toy_mixture()`.\n\n"
+        "the null class for CFG) trained on the 8-mode ring of `distill.data.toy.toy_mixture()`.\n\n"
         f"    OMP_NUM_THREADS=1 python scripts/train_toy_teacher.py --out {args.out} --steps {args.steps}\n\n"
         f"Trained in {time.time() - start:.0f} s on one CPU thread.\n")
     print(f"wrote {out} in {time.time() - start:.0f}s")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from distill import pairs
-from distill.config import load_config
+from distill.data import pairs
+from distill.training.preflight import load_config
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

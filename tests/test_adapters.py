@@ -1,4 +1,4 @@
-"""One base in memory (distill/adapters.py): roles own only their adapter, the teacher is the base untouched while
+"""One base in memory (distill/models/adapters.py): roles own only their adapter, the teacher is the base untouched while
 the adapters train, and the merged export computes what the adapter computes."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 from tiny import tiny_config
 
-from distill.adapters import AdapterDenoiser, activate_adapter, add_lora_adapters
-from distill.denoiser import load_denoiser
-from distill.trainer import Trainer, frozen, unwrap
+from distill.models.adapters import AdapterDenoiser, activate_adapter, add_lora_adapters
+from distill.models.denoiser import load_denoiser
+from distill.training.trainer import Trainer
+from distill.training.recipe import frozen, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

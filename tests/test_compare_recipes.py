@@ -23,7 +23,7 @@ def test_every_digits_config_is_a_participant():
     compare = _script("compare_recipes")
     found = compare.digits_configs()
     assert {"dmd2", "phased_dmd"} <= set(found)
-    assert set(found) == {p.name[: -len("_digits.yaml")] for p in (REPO / "recipes").glob("*_digits.yaml")}
+    assert set(found) == {p.stem for p in (REPO / "recipes" / "digits").glob("*.yaml")}
 
 
 def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_two_recipes_tiny_budget_and_resume(tiny_teacher, tmp_path, capsys):
 
 def test_unknown_recipe_is_named(tmp_path):
     compare = _script("compare_recipes")
-    with pytest.raises(SystemExit, match="no recipes/<name>_digits.yaml for \\['nope'\\]"):
+    with pytest.raises(SystemExit, match="no recipes/digits/<name>.yaml for \\['nope'\\]"):
         compare.main(["--recipes", "nope", "--out", str(tmp_path)])
 
 

@@ -10,18 +10,12 @@ import pytest
 import yaml
 from tiny import DIGITS_YAML, REPO, subprocess_env
 
-from distill.config import (
-    Config,
-    ConfigError,
-    OptimizerConfig,
-    build_config,
-    config_to_yaml,
-    load_config,
-    recipe_module,
-    resolve_path,
-)
+from distill.config import Config, OptimizerConfig, config_to_yaml, recipe_module
+from distill.base.errors import ConfigError
+from distill.training.preflight import build_config, load_config
+from distill.base.paths import resolve_path
 
-SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+SHIPPED = sorted((REPO / "recipes").glob("*/*.yaml"))
 
 
 def test_recipes_folder_ships_configs():
@@ -46,8 +40,8 @@ def stand_ins(tmp_path):
         raw = yaml.safe_load(path.read_text())
         if resolve_path(raw["teacher"]["path"]).is_dir():
             return []
-        family = path.stem.rsplit("_", 1)[-1]
-        assert family in BUILDERS, f"{path.name}: a real-model config is named <recipe>_<family>.yaml, family one " \
+        family = path.parent.name
+        assert family in BUILDERS, f"{path.name}: a real-model config is recipes/<family>/<recipe>.yaml, family one " \
                                    f"of {sorted(BUILDERS)}"
         teacher = BUILDERS[family](tmp_path / path.stem)
         prompts = CLASS_PROMPTS if family == "dit" else PROMPTS
@@ -60,7 +54,7 @@ def stand_ins(tmp_path):
 
 def test_real_model_config_names_the_hub_id_and_how_to_get_it():
     with pytest.raises(ConfigError) as e:
-        load_config(REPO / "recipes" / "dmd2_sd15.yaml")
+        load_config(REPO / "recipes" / "sd15/dmd2.yaml")
     assert str(e.value).startswith("teacher.path") and "huggingface-cli download" in str(e.value)
 
 
@@ -85,7 +79,7 @@ def test_shipped_config_loads_and_validates(path, stand_ins):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_loads_by_name(path, stand_ins):
-    # `distill train dmd2_digits.yaml` works from any directory: bare names fall back to the shipped recipes.
+    # `distill train digits/dmd2.yaml` works from any directory: bare names fall back to the shipped recipes.
     overrides = stand_ins(path)
     assert load_config(path.name, overrides) == load_config(path, overrides)
 

@@ -13,14 +13,16 @@ import pytest
 import torch
 from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
-from distill.config import load_config
-from distill.export import rollout
-from distill.recipe_registry import build_recipe
-from distill.trainer import Trainer, list_checkpoints, unwrap
+from distill.training.preflight import load_config
+from distill.models.schedules import rollout
+from distill.training.registry import build_recipe
+from distill.training.trainer import Trainer
+from distill.training.checkpoints import list_checkpoints
+from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIGS = {"scm": "scm_digits.yaml", "rcm": "rcm_digits.yaml", "lcm": "lcm_digits.yaml"}
+CONFIGS = {"scm": "digits/scm.yaml", "rcm": "digits/rcm.yaml", "lcm": "digits/lcm.yaml"}
 
 
 def _config(name, teacher, run, *extra):
@@ -92,7 +94,7 @@ def test_generator_loss_trains_only_the_student(tiny_teacher, name, steps):
 def test_lcm_skipping_step_solver_is_the_teachers_solver_step(tiny_teacher):
     """One skipping step equals the teacher's own sampler (DPM-Solver++(2M), whose first step is first order)
     run over the two levels, with the same CFG."""
-    from distill.sampling import dpm_solver_2m
+    from distill.models.sampling import dpm_solver_2m
 
     cfg = _config("lcm", tiny_teacher, Path("/nonexistent"), "teacher.guidance_scale=1.5")
     recipe, _ = build_recipe(cfg, torch.device("cpu"))

@@ -17,6 +17,7 @@ import torch
 from tiny import REPO
 
 from distill import data
+from distill.data import digits
 from distill.config import recipe_module
 
 REAL_LOADER = sklearn.datasets.load_digits
@@ -26,7 +27,7 @@ REAL_LOADER = sklearn.datasets.load_digits
 def poisoned_half_a(monkeypatch):
     """scikit-learn's digits with every half-A image set to NaN; returns half A's indices."""
     bunch = REAL_LOADER()
-    half_a, _ = data.split_halves(len(bunch.images), seed=data.PROTOCOL_SPLIT_SEED)
+    half_a, _ = digits.split_halves(len(bunch.images), seed=digits.PROTOCOL_SPLIT_SEED)
     images = bunch.images.astype(np.float64).copy()
     images[half_a.numpy()] = np.nan
     poisoned = sklearn.utils.Bunch(**{**bunch, "images": images, "data": images.reshape(len(images), -1)})
@@ -35,27 +36,27 @@ def poisoned_half_a(monkeypatch):
 
 
 def test_protocol_halves_are_disjoint_and_cover_the_digits():
-    train_x, train_y = data.digits_split("train", 16)
-    ref_x, ref_y = data.digits_split("reference", 16)
+    train_x, train_y = digits.digits_split("train", 16)
+    ref_x, ref_y = digits.digits_split("reference", 16)
     assert (len(train_x), len(ref_x)) == (898, 899)
-    all_x, _ = data.load_digits(16)
+    all_x, _ = digits.load_digits(16)
     flat = {tuple(r.tolist()) for r in all_x.flatten(1)}
     assert len({tuple(r.tolist()) for r in train_x.flatten(1)} & {tuple(r.tolist()) for r in ref_x.flatten(1)}) <= \
         len(all_x) - len(flat)  # only exact duplicate digits may appear in both
-    assert sorted(torch.cat([train_y, ref_y]).tolist()) == sorted(data.load_digits(16)[1].tolist())
+    assert sorted(torch.cat([train_y, ref_y]).tolist()) == sorted(digits.load_digits(16)[1].tolist())
     with pytest.raises(ValueError, match="split"):
-        data.digits_split("all")
+        digits.digits_split("all")
 
 
 def test_poison_is_seen_when_a_path_reads_half_a(poisoned_half_a):
     # Negative controls: the judge's reference half and the whole set do contain the poison.
-    assert torch.isnan(data.digits_split("reference", 16)[0]).all()
-    assert torch.isnan(data.load_digits(16)[0]).any()
+    assert torch.isnan(digits.digits_split("reference", 16)[0]).all()
+    assert torch.isnan(digits.load_digits(16)[0]).any()
 
 
 def _dataset_names() -> set[str]:
     names = set()
-    for path in (REPO / "recipes").glob("*.yaml"):
+    for path in (REPO / "recipes").glob("*/*.yaml"):
         from distill.config import yaml_load
 
         names.add((yaml_load(path.read_text()).get("data") or {}).get("name", "digits"))
@@ -63,8 +64,8 @@ def _dataset_names() -> set[str]:
 
 
 def test_every_training_dataset_reads_only_the_train_half(poisoned_half_a):
-    # prompts: cached text embeddings; images: the user's captioned images as VAE latents (distill/latents.py); toy:
-    # 2-D points of a known mixture (distill/toy.py); no digits in any of them
+    # prompts: cached text embeddings; images: the user's captioned images as VAE latents (distill/data/images.py); toy:
+    # 2-D points of a known mixture (distill/data/toy.py); no digits in any of them
     for name in sorted(_dataset_names() - {"prompts", "images", "toy"}):
         ds = data.make_dataset(name, 16)
         assert torch.isfinite(ds.images).all(), f"data.name={name} reaches half A"
@@ -77,12 +78,12 @@ def test_every_training_dataset_reads_only_the_train_half(poisoned_half_a):
 def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp_path, one_thread, monkeypatch):
     """Every shipped recipe config, built as the trainer builds it: its dataset (real images of GAN heads and
     regression terms come from there) holds no half-A image."""
-    from distill.config import load_config
-    from distill.recipe_registry import build_recipe
+    from distill.training.preflight import load_config
+    from distill.training.registry import build_recipe
 
     monkeypatch.chdir(tmp_path)  # relative paths (a config's runs/pairs/... store) never reach the checkout's runs/
 
-    for path in sorted((REPO / "recipes").glob("*_digits.yaml")):
+    for path in sorted((REPO / "recipes" / "digits").glob("*.yaml")):
         cfg = load_config(path, [f"teacher.path={tiny_teacher}", "data.resolution=8", f"run.output_dir={tmp_path}"])
         try:
             _, dataset = build_recipe(cfg, torch.device("cpu"))

@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_unet
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
 
-from distill.denoiser import Denoiser, load_denoiser
+from distill.models.denoiser import Denoiser, load_denoiser
 from distill.families import family_for
 from distill.parametrization import EDMProcess, VPProcess
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import DIGITS_YAML, REPO, subprocess_env, tiny_overrides
 
-from distill.trainer import list_checkpoints
+from distill.training.checkpoints import list_checkpoints
 
 TIMEOUT_S = 300
 
@@ -90,7 +90,7 @@ def test_ddp_resume_keeps_ranks_in_sync(ddp_run):
 def test_ddp_with_one_base_in_memory(tiny_teacher, tmp_path):
     """Student and fake score as adapters on one frozen base, each wrapped by DDP on its own (the base is in
     neither wrapper): both ranks end with the same adapters, GAN head and EMA, and the adapters trained."""
-    yaml = REPO / "recipes" / "dmd2_adapters_digits.yaml"
+    yaml = REPO / "recipes" / "digits/dmd2_adapters.yaml"
     overrides = tiny_overrides(tiny_teacher, tmp_path, "run.max_steps=2", "recipe.lora_rank=4", "recipe.gan=true",
                                "trainer.generator.lr=1e-3", "trainer.critic.lr=1e-3")
     launch(str(REPO / "tests" / "tiny.py"), str(tmp_path / "dump"), str(yaml), *overrides)

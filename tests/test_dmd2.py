@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from distill.parametrization import EDMProcess, add_noise
@@ -92,11 +91,11 @@ def test_denoising_loss_is_edm_weighted_x0_error(f64):
 
 def test_recipe_routes_gradients(tiny_teacher):
     """The generator loss trains only the student; the critic loss trains only the fake score (and GAN head)."""
-    from distill.config import load_config
-    from distill.recipe_registry import build_recipe
+    from distill.training.preflight import load_config
+    from distill.training.registry import build_recipe
 
     for steps, gan in ((1, False), (3, True)):
-        cfg = load_config("dmd2_digits.yaml", [f"teacher.path={tiny_teacher}", "data.resolution=8",
+        cfg = load_config("digits/dmd2.yaml", [f"teacher.path={tiny_teacher}", "data.resolution=8",
                                                f"student.num_steps={steps}", f"recipe.gan={str(gan).lower()}",
                                                "teacher.guidance_scale=2.0"])
         recipe, data = build_recipe(cfg, torch.device("cpu"))

@@ -7,14 +7,16 @@ import pytest
 import torch
 from tiny import REPO, tiny_overrides
 
-from distill.config import ConfigError, load_config
-from distill.pairs import generate_from_config
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.data.pairs import generate_from_config
 from distill.recipes.dmd2 import regression_pairs
-from distill.trainer import Trainer, unwrap
+from distill.training.trainer import Trainer
+from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DMD_YAML = REPO / "recipes" / "dmd_digits.yaml"
+DMD_YAML = REPO / "recipes" / "digits/dmd.yaml"
 
 
 def cfg(teacher, tmp_path, *extra):
@@ -65,4 +67,4 @@ def test_regression_needs_a_store(tiny_teacher, tmp_path):
         cfg(tiny_teacher, tmp_path, "recipe.pairs=null")
     with pytest.raises(FileNotFoundError, match="distill pairs"):
         Trainer(cfg(tiny_teacher, tmp_path))
-    assert load_config(REPO / "recipes" / "dmd2_digits.yaml").recipe.regression_weight == 0  # DMD2 unchanged
+    assert load_config(REPO / "recipes" / "digits/dmd2.yaml").recipe.regression_weight == 0  # DMD2 unchanged

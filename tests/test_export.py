@@ -13,8 +13,9 @@ import pytest
 import torch
 from tiny import NO_DISTILL, subprocess_env, tiny_config
 
-from distill.export import rollout, student_schedule
-from distill.trainer import Trainer, unwrap
+from distill.models.schedules import rollout, student_schedule
+from distill.training.trainer import Trainer
+from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

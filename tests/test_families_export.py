@@ -15,9 +15,10 @@ import torch
 from tiny import NO_DISTILL, subprocess_env
 from tiny_pipelines import BUILDERS, CLASS_PROMPTS, PROMPTS, write_prompts
 
-from distill.config import ConfigError, load_config
-from distill.export import rollout
-from distill.trainer import Trainer
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.models.schedules import rollout
+from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,10 +35,10 @@ CASES = [("sd15", 2, "StableDiffusionPipeline"), ("sd3", 1, "StableDiffusion3Pip
          pytest.param("dit", 2, "DiTPipeline", id="dit-2", marks=pytest.mark.slow)]
 
 # family -> (its shipped config, overrides of it for the tiny stand-in beyond the common ones in _run)
-CONFIGS = {"sd15": ("dmd2_sd15.yaml", ()), "sd3": ("dmd2_sd15.yaml", ()), "sdxl": ("dmd2_sd15.yaml", ()),
-           "flux": ("dmd2_flux.yaml", ("recipe.lora_rank=4",)), "wan": ("dmd2_wan.yaml", ("data.num_frames=5",)),
-           "pixart": ("dmd2_pixart.yaml", ()), "pixart_1024": ("dmd2_pixart.yaml", ()),
-           "pixart_sigma": ("dmd2_pixart.yaml", ()), "dit": ("dmd2_dit.yaml", ())}
+CONFIGS = {"sd15": ("sd15/dmd2.yaml", ()), "sd3": ("sd15/dmd2.yaml", ()), "sdxl": ("sd15/dmd2.yaml", ()),
+           "flux": ("flux/dmd2.yaml", ("recipe.lora_rank=4",)), "wan": ("wan/dmd2.yaml", ("data.num_frames=5",)),
+           "pixart": ("pixart/dmd2.yaml", ()), "pixart_1024": ("pixart/dmd2.yaml", ()),
+           "pixart_sigma": ("pixart/dmd2.yaml", ()), "dit": ("dit/dmd2.yaml", ())}
 
 CLEAN_LOAD = NO_DISTILL + r"""
 import torch
@@ -147,7 +148,7 @@ def test_family_trains_exports_and_reloads(family, steps, pipeline, tmp_path):
 
 
 def test_cached_prompt_embeddings_are_the_pipelines_and_reused(tmp_path, monkeypatch):
-    from distill.targets import PromptDataset
+    from distill.data.prompts import PromptDataset
 
     teacher = BUILDERS["sd15"](tmp_path / "sd15")
     prompts = write_prompts(tmp_path / "p.txt")
@@ -162,7 +163,7 @@ def test_cached_prompt_embeddings_are_the_pipelines_and_reused(tmp_path, monkeyp
     torch.testing.assert_close(first.cond["encoder_hidden_states"], want)
     torch.testing.assert_close(first.null_condition["encoder_hidden_states"], empty)
     assert first.image_shape == (4, 8, 8)  # VAE factor 2 at 16 px
-    from distill.targets import Target
+    from distill.families.target import Target
 
     def no_encoder(*_):
         raise AssertionError("the text encoders ran again instead of the cache being read")
@@ -181,10 +182,10 @@ def test_flow_unet2d_teacher_is_refused_before_training(tmp_path):
     tiny_unet().save_pretrained(tmp_path / "t" / "unet", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path / "t" / "scheduler")
     with pytest.raises(ConfigError) as e:
-        load_config("dmd2_digits.yaml", [f"teacher.path={tmp_path / 't'}", "teacher.prediction=null"])
+        load_config("digits/dmd2.yaml", [f"teacher.path={tmp_path / 't'}", "teacher.prediction=null"])
     msg = str(e.value)
     assert msg.startswith("teacher.path") and "flow matching" in msg and "ConsistencyModelPipeline" in msg
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "dmd2_digits.yaml",
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "digits/dmd2.yaml",
                            f"teacher.path={tmp_path / 't'}", "teacher.prediction=null",
                            f"run.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
                           env=subprocess_env())
@@ -195,14 +196,14 @@ def test_flow_unet2d_teacher_is_refused_before_training(tmp_path):
 def test_flux_dynamic_shift_comes_from_the_resolution():
     """Flux's shift mu is the pipeline's calculate_shift of the packed token count at the run's resolution."""
     from distill.parametrization import flow_shift_mu
-    from distill.targets import TARGETS
+    from distill.families.target import TARGETS
 
     flux = TARGETS["FluxTransformer2DModel"]
     net = {"_class_name": "FluxTransformer2DModel", "in_channels": 64}
     assert flux.image_seq_len(Path("/nonexistent"), net, 1024) == 4096  # (1024 / 8 / 2)^2 with the VAE factor 8
     sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_shift": 0.5,
              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
-    from distill.denoiser import process_from_scheduler_config
+    from distill.models.denoiser import process_from_scheduler_config
 
     process, kind = process_from_scheduler_config(sched, flow_shift_mu(4096))
     assert kind == "flow" and process.mu == pytest.approx(1.15)
@@ -221,11 +222,11 @@ def test_dit_at_another_size_than_its_transformer_is_refused_before_training(tmp
     trained at any other size could not leave as it. Refused when the config is loaded, saying the size to use."""
     teacher = BUILDERS["dit"](tmp_path / "dit")
     prompts = write_prompts(tmp_path / "classes.txt", CLASS_PROMPTS)
-    msg = _load_refused("dmd2_dit.yaml", f"teacher.path={teacher}", f"data.prompts={prompts}", "data.resolution=32")
+    msg = _load_refused("dit/dmd2.yaml", f"teacher.path={teacher}", f"data.prompts={prompts}", "data.resolution=32")
     assert msg.startswith("data.resolution") and "sample_size" in msg and "data.resolution=16" in msg
-    assert load_config("dmd2_dit.yaml", [f"teacher.path={teacher}", f"data.prompts={prompts}",
+    assert load_config("dit/dmd2.yaml", [f"teacher.path={teacher}", f"data.prompts={prompts}",
                                          "data.resolution=16"]).data.resolution == 16
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "dmd2_dit.yaml", f"teacher.path={teacher}",
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "dit/dmd2.yaml", f"teacher.path={teacher}",
                            f"data.prompts={prompts}", "data.resolution=32", f"run.output_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "data.resolution=16" in proc.stderr
@@ -237,7 +238,7 @@ def test_dit_at_another_size_than_its_transformer_is_refused_before_training(tmp
 def test_dit_prompts_must_be_its_class_indices(tmp_path, lines, words):
     teacher = BUILDERS["dit"](tmp_path / "dit")
     prompts = write_prompts(tmp_path / "classes.txt", lines)
-    msg = _load_refused("dmd2_dit.yaml", f"teacher.path={teacher}", f"data.prompts={prompts}", "data.resolution=16")
+    msg = _load_refused("dit/dmd2.yaml", f"teacher.path={teacher}", f"data.prompts={prompts}", "data.resolution=16")
     assert msg.startswith("data.prompts") and words in msg
 
 
@@ -246,19 +247,19 @@ def test_video_and_image_frame_counts_are_checked_when_the_config_loads(tmp_path
     one frame. Either mismatch would export a student that samples another shape than it trained on."""
     wan = BUILDERS["wan"](tmp_path / "wan")
     prompts = write_prompts(tmp_path / "prompts.txt")
-    msg = _load_refused("dmd2_wan.yaml", f"teacher.path={wan}", f"data.prompts={prompts}", "data.num_frames=6")
+    msg = _load_refused("wan/dmd2.yaml", f"teacher.path={wan}", f"data.prompts={prompts}", "data.num_frames=6")
     assert msg.startswith("data.num_frames") and "2k + 1" in msg
-    msg = _load_refused("dmd2_wan.yaml", f"teacher.path={wan}", f"data.prompts={prompts}", "data.resolution=40")
+    msg = _load_refused("wan/dmd2.yaml", f"teacher.path={wan}", f"data.prompts={prompts}", "data.resolution=40")
     assert msg.startswith("data.resolution") and "multiple of 16" in msg  # WanPipeline: height % 16
     pixart = BUILDERS["pixart"](tmp_path / "pixart")
-    msg = _load_refused("dmd2_pixart.yaml", f"teacher.path={pixart}", f"data.prompts={prompts}", "data.num_frames=5")
+    msg = _load_refused("pixart/dmd2.yaml", f"teacher.path={pixart}", f"data.prompts={prompts}", "data.num_frames=5")
     assert msg.startswith("data.num_frames") and "images" in msg
 
 
 def test_hub_class_names_and_pipelines_pick_the_target():
     """Hub checkpoints of DiT-XL-2 and PixArt-alpha name their transformer `Transformer2DModel` (diffusers loads it
     by its norm_type); a PixArt teacher exports into the pipeline class its folder was saved as."""
-    from distill.targets import target_for
+    from distill.families.target import target_for
 
     vp = {"_class_name": "DDIMScheduler", "beta_schedule": "linear"}
     dit = target_for({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"}, vp)
@@ -298,7 +299,8 @@ def test_flow_k_step_schedules_end_at_the_trailing_step():
     """SD3 and Wan sample through `set_timesteps(k)`, which alone ends at sigma_min (a last step at sigma 0.003,
     nearly a no-op); the exported scheduler's shift_terminal puts the last step at shift(1/k), as Flux's
     linspace(1, 1/k, k) does, and the first stays at 1."""
-    from distill.targets import TARGETS, student_times
+    from distill.families.target import TARGETS
+    from distill.models.schedules import student_times
 
     def shifted(s, shift=3.0):
         return shift * s / (1 + (shift - 1) * s)
@@ -319,7 +321,7 @@ def test_latent_teacher_refuses_pixel_sample_grids(tmp_path):
     update, instead of a crash in the grid writer at that step."""
     teacher = BUILDERS["sd15"](tmp_path / "sd15")
     prompts = write_prompts(tmp_path / "prompts.txt")
-    cfg = load_config("dmd2_sd15.yaml", [
+    cfg = load_config("sd15/dmd2.yaml", [
         f"teacher.path={teacher}", f"run.output_dir={tmp_path / 'run'}", f"data.prompts={prompts}",
         f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=16", "data.batch_size=2", "run.max_steps=2",
         "trainer.progress_bar=false", "trainer.sample_every=1"])

@@ -24,9 +24,12 @@ import torch
 from tiny import NO_DISTILL, subprocess_env
 from tiny_pipelines import BUILDERS, PROMPTS, write_prompts
 
-from distill.config import ConfigError, apply_overrides, build_config
-from distill.export import rollout
-from distill.trainer import Trainer, unwrap
+from distill.base.errors import ConfigError
+from distill.config import apply_overrides
+from distill.training.preflight import build_config
+from distill.models.schedules import rollout
+from distill.training.trainer import Trainer
+from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,7 +239,7 @@ def test_images_are_centre_cropped_and_encoded_as_the_pipeline_decodes(world):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from distill.latents import ImageDataset, load_image
+    from distill.data.images import ImageDataset, load_image
 
     wide = np.zeros((8, 16, 3), dtype=np.uint8)
     wide[:, 4:12] = (255, 0, 0)  # red centre, black sides
@@ -311,7 +314,7 @@ PAIR_BASED = {"dmd_regression", "instaflow", "reflow"}
 def text_stores(world, teachers, tmp_path_factory):
     """parametrization -> a 4-pair store of its latent teacher on the captions of data.name: images (made once,
     on first use), for the pair-based recipes."""
-    from distill.pairs import generate_from_config
+    from distill.data.pairs import generate_from_config
 
     root, made = tmp_path_factory.mktemp("text_pairs"), {}
 
@@ -335,7 +338,7 @@ def teachers(tmp_path_factory, tiny_teacher):
 @pytest.fixture(scope="module")
 def pair_store(tmp_path_factory, tiny_teacher):
     """A 4-pair store of the tiny EDM teacher (2 ODE steps), for the pair-based recipes."""
-    from distill.pairs import generate_from_config
+    from distill.data.pairs import generate_from_config
 
     path = tmp_path_factory.mktemp("pairs") / "store"
     cfg = build_config(apply_overrides({"recipe": {"name": "reflow"}}, [
@@ -436,7 +439,7 @@ def test_phased_students_need_a_pipeline_with_a_step_callback(tmp_path):
     """DiTPipeline has no callback_on_step_end, so no stock pipeline could switch a phased student's experts."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from distill.export import check_expert_export
+    from distill.export.checks import check_expert_export
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,

@@ -11,16 +11,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from distill.data import load_digits
-from distill.metrics import (
-    DIGITS_CLASSIFIER_DIR,
-    PROTOCOL_COUNT,
-    DigitsFeatureNet,
-    FDDigits,
-    check_images,
-    fd_digits,
-    load_digits_classifier,
-)
+from distill.data.digits import load_digits
+from distill.evaluation.metrics import DIGITS_CLASSIFIER_DIR, PROTOCOL_COUNT, DigitsFeatureNet, FDDigits, check_images, fd_digits, load_digits_classifier
 
 # Held-out accuracy of the shipped classifier is 0.9972 (358/359); this leaves room for BLAS differences only.
 MIN_TEST_ACCURACY = 0.99
@@ -141,7 +133,7 @@ def test_accuracy_on_real_and_noise(judge):
 
 
 def test_knn_radii_and_precision_recall_by_hand():
-    from distill.metrics import knn_radii, precision_recall
+    from distill.evaluation.metrics import knn_radii, precision_recall
 
     real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
     # k = 1: nearest neighbours at distance 1, 1, 1, 1, 7.
@@ -157,7 +149,7 @@ def test_knn_radii_and_precision_recall_by_hand():
 
 
 def test_precision_recall_identical_sets_and_with_k_too_large():
-    from distill.metrics import precision_recall
+    from distill.evaluation.metrics import precision_recall
 
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     assert precision_recall(x, x, k=3) == (1.0, 1.0)
@@ -186,6 +178,6 @@ def test_judge_precision_recall_separates_collapse_from_noise(judge):
 
 
 def data_train_labels():
-    from distill.data import digits_split
+    from distill.data.digits import digits_split
 
     return digits_split("train", 16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.imaging import save_grid
+from distill.base.imaging import save_grid
 
 
 def test_row_labels_add_a_text_column_and_must_match_the_rows(tmp_path):

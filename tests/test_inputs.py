@@ -18,9 +18,13 @@ import torch
 from tiny import DIGITS_YAML, tiny_config, tiny_overrides, weights
 
 from distill.cli import main
-from distill.config import ConfigError, config_to_yaml, load_config
-from distill.files import check_checkpoint, check_run_dir, check_safetensors, check_teacher_folder
-from distill.trainer import NonFiniteError, Trainer, list_checkpoints
+from distill.base.errors import ConfigError
+from distill.config import config_to_yaml
+from distill.training.preflight import load_config
+from distill.training.files import check_checkpoint, check_run_dir, check_safetensors, check_teacher_folder
+from distill.base.errors import NonFiniteError
+from distill.training.trainer import Trainer
+from distill.training.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

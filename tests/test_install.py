@@ -96,13 +96,13 @@ def test_readme_multiprocess_command_from_the_repository_root(tmp_path):
     root), for two steps on 2 processes: it trains, checkpoints and exports a loadable pipeline."""
     readme = (REPO / "README.md").read_text()
     command = ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m distill.cli train "
-               "recipes/dmd2_digits.yaml")
+               "recipes/digits/dmd2.yaml")
     assert command in readme, "the README's command changed: update this test with it"
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     assert accelerate, "the `accelerate` command is not installed beside this Python"
     run = tmp_path / "run"
     argv = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
-            "-m", "distill.cli", "train", "recipes/dmd2_digits.yaml",
+            "-m", "distill.cli", "train", "recipes/digits/dmd2.yaml",
             f"run.output_dir={run}", "run.max_steps=2", "data.batch_size=8", "trainer.checkpoint_every=2",
             "trainer.sample_every=0", "trainer.progress_bar=false"]
     env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}

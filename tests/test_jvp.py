@@ -1,4 +1,4 @@
-"""`distill.jvp.jvp` through a wrapped digits-style UNet (with attention): the routed exact JVP equals PyTorch's
+"""`distill.models.jvp.jvp` through a wrapped digits-style UNet (with attention): the routed exact JVP equals PyTorch's
 MATH-path JVP and a central finite difference; the primal is the plain forward."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from tiny import tiny_unet
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distill.denoiser import Denoiser
-from distill.jvp import jvp
+from distill.models.denoiser import Denoiser
+from distill.models.jvp import jvp
 from distill.kernels.diffusers_attention import ContiguousGroupNorm
 from distill.parametrization import EDMProcess
 

@@ -1,4 +1,4 @@
-"""Every import of the package is a core dependency or a declared optional one (`distill.optional`), and each
+"""Every import of the package is a core dependency or a declared optional one (`distill.base.optional`), and each
 optional one, hidden, ends in a message naming the package and its install command (exit 2), not a traceback.
 
 peft is a core dependency (every adapter mode and SwiftBrush's fake score need it; it is small and needs nothing
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tiny import REPO, subprocess_env
 
-from distill import optional
+from distill.base import optional
 
 ROOTS = ("distill", "recipes", "kernels", "scripts")
 #: modules imported directly that a core dependency pins exactly (pydantic requires pydantic-core==its version).
@@ -86,7 +86,7 @@ def test_every_import_is_core_or_declared():
                 if not in_function:
                     problems.append(f"{where} at module level: import an optional package where it is used")
                 if f'require("{module}"' not in source and f'exit_if_missing("{module}"' not in source:
-                    problems.append(f"{where} without distill.optional.require / exit_if_missing")
+                    problems.append(f"{where} without distill.base.optional.require / exit_if_missing")
                 continue
             if module in optional.SOFT:
                 guarded = any(m == module and t for m, _, _, t in _imports(ast.parse(source)))
@@ -99,7 +99,7 @@ def test_every_import_is_core_or_declared():
             dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners.get(module, [])}
             if not dists & core:
                 problems.append(f"{where}: not a core dependency ({sorted(dists) or 'not installed'}); add it to "
-                                f"pyproject's dependencies or to distill.optional.OPTIONAL")
+                                f"pyproject's dependencies or to distill.base.optional.OPTIONAL")
     assert not problems, "\n".join(problems)
 
 
@@ -134,9 +134,9 @@ def test_cli_turns_a_missing_package_into_exit_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     parser = cli.build_parser()
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    args = parser.parse_args(["train", "recipes/dmd2_digits.yaml"])
+    args = parser.parse_args(["train", "recipes/digits/dmd2.yaml"])
     monkeypatch.setattr(parser, "parse_args", lambda argv=None: type(args)(**{**vars(args), "fn": needs_plotting}))
-    assert cli.main(["train", "recipes/dmd2_digits.yaml"]) == 2
+    assert cli.main(["train", "recipes/digits/dmd2.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distill: error: this command needs the package 'matplotlib'")
 

@@ -17,28 +17,16 @@ import torch
 from safetensors import safe_open
 from tiny import REPO, subprocess_env, tiny_overrides
 
-from distill.config import ConfigError, load_config
-from distill.data import digits_split
-from distill.denoiser import load_denoiser
-from distill.pairs import (
-    MANIFEST,
-    PairDataset,
-    PairStore,
-    PairsConfig,
-    RegressionConfig,
-    generate_from_config,
-    generate_pairs,
-    pseudo_huber_c,
-    read_manifest,
-    regression_loss,
-    shard_name,
-    shard_seed,
-)
-from distill.sampling import sample
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.data.digits import digits_split
+from distill.models.denoiser import load_denoiser
+from distill.data.pairs import MANIFEST, PairDataset, PairStore, PairsConfig, RegressionConfig, generate_from_config, pseudo_huber_c, read_manifest, regression_loss, shard_name, shard_seed
+from distill.models.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REFLOW_YAML = REPO / "recipes" / "reflow_digits.yaml"
+REFLOW_YAML = REPO / "recipes" / "digits/reflow.yaml"
 SMALL = ("recipe.pairs.num_pairs=10", "recipe.pairs.shard_size=4", "recipe.pairs.num_steps=3",
          "recipe.pairs.batch_size=3", "recipe.pairs.progress_bar=false", "recipe.pairs.seed=5")
 
@@ -87,7 +75,7 @@ def test_labels_follow_the_train_half(tiny_teacher, tmp_path):
     """labels=train resamples the train half's labels (its histogram), uniform does not look at them."""
     cfg = pairs_config(tiny_teacher, tmp_path / "s", "recipe.pairs.num_pairs=4000", "recipe.pairs.shard_size=4000",
                        "recipe.pairs.num_steps=1", "recipe.pairs.batch_size=4000")
-    from distill.pairs import draw_conditions
+    from distill.data.pairs import draw_conditions
 
     train = digits_split("train", 8)[1]
     got = draw_conditions(train, 10, 20000, "train", torch.Generator().manual_seed(0))["class_labels"]
@@ -139,7 +127,7 @@ def test_incomplete_or_foreign_store_is_refused(reference_store, tiny_teacher, t
 def test_cli_pairs_reports_a_config_without_pairs(tmp_path, capsys):
     from distill.cli import main
 
-    assert main(["pairs", str(REPO / "recipes" / "dmd2_digits.yaml")]) == 2
+    assert main(["pairs", str(REPO / "recipes" / "digits/dmd2.yaml")]) == 2
     assert "recipe.pairs" in capsys.readouterr().err
 
 
@@ -154,8 +142,8 @@ import sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from distill.config import load_config
-from distill import pairs
+from distill.training.preflight import load_config
+from distill.data import pairs
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 marker = Path(sys.argv[2])
@@ -211,7 +199,7 @@ def test_kill_mid_shard_then_resume_gives_the_identical_store(reference_store, t
 
     made = []
     cfg = load_config(REFLOW_YAML, cfg_args)
-    from distill import pairs as pairs_module
+    from distill.data import pairs as pairs_module
 
     real = pairs_module.make_shard
     pairs_module.make_shard = lambda teacher, pc, index, *a, **k: made.append(index) or real(teacher, pc, index, *a, **k)
@@ -241,7 +229,7 @@ def test_shard_written_but_not_recorded_is_recorded_on_resume(reference_store, t
     del manifest["shards"]["1"]
     manifest["complete"] = False
     (store / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    from distill import pairs as pairs_module
+    from distill.data import pairs as pairs_module
 
     real = pairs_module.make_shard
     pairs_module.make_shard = lambda *a, **k: pytest.fail("a shard on disk was regenerated")

@@ -16,11 +16,13 @@ import torch
 from tiny import NO_DISTILL, subprocess_env
 from tiny_pipelines import BUILDERS, PROMPTS, write_prompts
 
-from distill.config import ConfigError, apply_overrides, build_config
-from distill.export import rollout
-from distill.pairs import MANIFEST, PairDataset, PairStore, generate_from_config, open_pairs, shard_name, shard_seed
-from distill.sampling import sample
-from distill.trainer import Trainer
+from distill.base.errors import ConfigError
+from distill.config import apply_overrides
+from distill.training.preflight import build_config
+from distill.models.schedules import rollout
+from distill.data.pairs import MANIFEST, PairDataset, PairStore, generate_from_config, open_pairs, shard_name, shard_seed
+from distill.models.sampling import sample
+from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +59,7 @@ def world(tmp_path_factory):
 
 def test_text_store_holds_the_guided_teacher_ode_of_drawn_prompts(world):
     from distill.data import make_dataset
-    from distill.denoiser import load_denoiser
+    from distill.models.denoiser import load_denoiser
 
     cfg = text_config(world, "reflow", world["sd3"], world["store"], world["root"] / "run")
     teacher = load_denoiser(world["sd3"], resolution=16)
@@ -107,7 +109,7 @@ def test_text_store_resumes_to_the_identical_store(world, tmp_path):
     del manifest["shards"]["1"]
     manifest["complete"] = False
     (store / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    from distill import pairs as pairs_module
+    from distill.data import pairs as pairs_module
 
     made, real = [], pairs_module.make_shard
     pairs_module.make_shard = lambda teacher, pc, i, *a, **k: made.append(i) or real(teacher, pc, i, *a, **k)
@@ -218,7 +220,7 @@ def test_reflowed_flow_exports_the_stock_pipeline_with_its_euler_ode(chain, worl
 
 def test_reflow_loss_is_the_native_flow_matching_loss(chain):
     """On SD3 the flow is the transformer's own velocity: loss = ||v(x_s, s) - (z - x1)||^2 / D."""
-    from distill.trainer import unwrap
+    from distill.training.recipe import unwrap
 
     recipe = chain["reflow"].recipe
     batch = recipe.dataset.sample(3, torch.Generator().manual_seed(0))

@@ -13,25 +13,18 @@ import pytest
 import torch
 from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
-from distill.export import student_schedule
+from distill.models.schedules import student_schedule
 from distill.parametrization import EDMProcess, VPProcess
-from distill.recipes.phased_dmd import (
-    PhasedExperts,
-    phase_at,
-    phase_boundaries,
-    subinterval_x0_target,
-    transition,
-    unit_time,
-)
+from distill.recipes.phased_dmd import PhasedExperts, phase_at, phase_boundaries, subinterval_x0_target, transition, unit_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phased_config(teacher: Path, run_dir: Path, *extra: str):
-    """recipes/phased_dmd_digits.yaml with the tiny teacher and a run of seconds (tests/tiny.py)."""
-    from distill.config import load_config
+    """recipes/digits/phased_dmd.yaml with the tiny teacher and a run of seconds (tests/tiny.py)."""
+    from distill.training.preflight import load_config
 
-    return load_config("phased_dmd_digits.yaml", tiny_overrides(teacher, run_dir, *extra))
+    return load_config("digits/phased_dmd.yaml", tiny_overrides(teacher, run_dir, *extra))
 
 
 # -- phases ---------------------------------------------------------------------------------------------------
@@ -41,8 +34,8 @@ def phased_config(teacher: Path, run_dir: Path, *extra: str):
 def test_phase_boundaries_are_the_samplers_karras_sigmas(tiny_teacher, k):
     """Phase i starts at the Karras sigma of ramp i * (N // k) / (N - 1) (CMStochasticIterativeScheduler, N = 40
     training timesteps, Karras et al. 2022 eq. 5) and ends at sqrt(sigma_{i+1}^2 - sigma_min^2); the last ends clean."""
-    from distill.denoiser import load_denoiser
-    from distill.export import student_from_teacher
+    from distill.models.denoiser import load_denoiser
+    from distill.models.schedules import student_from_teacher
 
     student = student_from_teacher(load_denoiser(tiny_teacher, prediction="edm"))
     lo, hi, rho, n = 0.002 ** (1 / 7), 80.0 ** (1 / 7), 7.0, 40
@@ -118,8 +111,8 @@ def test_transition_gives_the_marginal_noise_level(f64):
 
 
 def test_experts_route_by_noise_level(tiny_teacher):
-    from distill.denoiser import load_denoiser
-    from distill.export import student_from_teacher
+    from distill.models.denoiser import load_denoiser
+    from distill.models.schedules import student_from_teacher
 
     experts = [student_from_teacher(load_denoiser(tiny_teacher, prediction="edm")) for _ in range(2)]
     with torch.no_grad():
@@ -137,7 +130,7 @@ def test_experts_route_by_noise_level(tiny_teacher):
 
 
 def test_recipe_trains_only_the_current_phase(tiny_teacher, tmp_path):
-    from distill.recipe_registry import build_recipe
+    from distill.training.registry import build_recipe
 
     cfg = phased_config(tiny_teacher, tmp_path, "student.num_steps=2", "run.max_steps=4")
     recipe, data = build_recipe(cfg, torch.device("cpu"))
@@ -162,9 +155,9 @@ def test_recipe_trains_only_the_current_phase(tiny_teacher, tmp_path):
 
 
 def test_digits_config_and_toy_config_validate():
-    from distill.config import load_config
+    from distill.training.preflight import load_config
 
-    for name in ("phased_dmd_digits.yaml", "phased_dmd_toy.yaml"):
+    for name in ("digits/phased_dmd.yaml", "toy/phased_dmd.yaml"):
         cfg = load_config(name)
         assert cfg.recipe_name == "phased_dmd" and cfg.student.num_steps == 2
 
@@ -190,8 +183,8 @@ print("clean load ok")
 
 
 def test_export_runs_each_expert_at_its_step_without_distill(tiny_teacher, tmp_path):
-    from distill.export import rollout
-    from distill.trainer import Trainer
+    from distill.models.schedules import rollout
+    from distill.training.trainer import Trainer
 
     trainer = Trainer(phased_config(tiny_teacher, tmp_path / "run", "student.num_steps=2", "run.max_steps=2",
                                     "trainer.ema_decay=0.5", "export.at_end=true"))

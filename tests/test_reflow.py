@@ -13,29 +13,20 @@ import pytest
 import torch
 from tiny import NO_DISTILL, REPO, subprocess_env, tiny_overrides
 
-from distill.config import ConfigError, load_config
-from distill.denoiser import load_denoiser
-from distill.export import rollout
-from distill.pairs import generate_from_config
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.models.denoiser import load_denoiser
+from distill.models.schedules import rollout
+from distill.data.pairs import generate_from_config
 from distill.parametrization import EDMProcess
 from distill.recipes.instaflow import two_step_euler
-from distill.recipes.reflow import (
-    anneal_beta,
-    annealed_noise,
-    euler_path,
-    flow_range,
-    flow_velocity,
-    interpolate,
-    parameter_count,
-    reflow_loss,
-    straightness,
-    to_native,
-)
-from distill.trainer import Trainer, unwrap
+from distill.recipes.reflow import anneal_beta, annealed_noise, euler_path, flow_range, flow_velocity, interpolate, parameter_count, reflow_loss, straightness, to_native
+from distill.training.trainer import Trainer
+from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-YAML = {name: REPO / "recipes" / f"{name}_digits.yaml" for name in ("reflow", "instaflow", "slimflow_reflow",
+YAML = {name: REPO / "recipes" / "digits" / f"{name}.yaml" for name in ("reflow", "instaflow", "slimflow_reflow",
                                                                      "slimflow_distill", "dmd")}
 SMALL_PAIRS = ("recipe.pairs.num_pairs=12", "recipe.pairs.shard_size=6", "recipe.pairs.num_steps=2",
                "recipe.pairs.progress_bar=false")

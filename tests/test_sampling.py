@@ -14,9 +14,9 @@ import torch
 from tiny import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
 
-from distill.denoiser import Denoiser
+from distill.models.denoiser import Denoiser
 from distill.parametrization import EDMProcess, FlowProcess, TrigFlowProcess, VPProcess
-from distill.sampling import dpm_solver_2m, sample, unit_grid
+from distill.models.sampling import dpm_solver_2m, sample, unit_grid
 
 F64 = torch.float64
 D = 16

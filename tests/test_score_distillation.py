@@ -7,12 +7,13 @@ import pytest
 import torch
 from tiny import tiny_overrides
 
-from distill.config import ConfigError, load_config
-from distill.recipe_registry import build_recipe
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.training.registry import build_recipe
 from distill.recipes.decoupled_dmd import decoupled_gradients
 from distill.recipes.dmd2 import dmd_gradient
 from distill.recipes.fdistill import F_OF_R, H_OF_R, density_ratio, f_weights
-from distill.trainer import Batch
+from distill.base.batch import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,13 +109,13 @@ def _copy_weights(src, dst) -> None:
 @pytest.mark.parametrize("steps", [1, 2])
 def test_reverse_kl_f_distill_is_dmd2_with_gan(tiny_teacher, steps):
     extra = ("data.resolution=8", f"student.num_steps={steps}", "teacher.guidance_scale=1.5")
-    dmd, data = _recipe(tiny_teacher, "dmd2_digits.yaml", *extra, "recipe.gan=true", "recipe.gan_generator_weight=0.1")
+    dmd, data = _recipe(tiny_teacher, "digits/dmd2.yaml", *extra, "recipe.gan=true", "recipe.gan_generator_weight=0.1")
     batch = data.sample(6, torch.Generator().manual_seed(0))
     _train_critic(dmd, batch)
     want_loss, want = _generator_step(dmd, batch, seed=7)
     assert max(g.abs().max() for g in want) > 0
     for divergence, same in (("reverse_kl", True), ("forward_kl", False)):
-        fd, _ = _recipe(tiny_teacher, "fdistill_digits.yaml", *extra, f"recipe.divergence={divergence}",
+        fd, _ = _recipe(tiny_teacher, "digits/fdistill.yaml", *extra, f"recipe.divergence={divergence}",
                         "recipe.gan_generator_weight=0.1")
         _copy_weights(dmd, fd)
         loss, got = _generator_step(fd, batch, seed=7)
@@ -128,14 +129,14 @@ def test_reverse_kl_f_distill_is_dmd2_with_gan(tiny_teacher, steps):
 
 def test_decoupled_dmd_with_one_noise_draw_is_dmd2_with_a_cfg_teacher(tiny_teacher):
     extra = ("data.resolution=8", "teacher.guidance_scale=2.5")
-    dmd, data = _recipe(tiny_teacher, "dmd2_digits.yaml", *extra)
+    dmd, data = _recipe(tiny_teacher, "digits/dmd2.yaml", *extra)
     batch = data.sample(6, torch.Generator().manual_seed(1))
     _train_critic(dmd, batch)
     want_loss, want = _generator_step(dmd, batch, seed=3)
     cases = (("recipe.ca_min_t=0.02", "recipe.ca_max_t=0.98", True),  # samplers coincide, weights 1
              ("recipe.ca_min_t=0.5", "recipe.ca_max_t=0.98", False))  # the CA term on its own noise levels
     for lo, hi, same in cases:
-        dec, _ = _recipe(tiny_teacher, "decoupled_dmd_digits.yaml", *extra, lo, hi)
+        dec, _ = _recipe(tiny_teacher, "digits/decoupled_dmd.yaml", *extra, lo, hi)
         _copy_weights(dmd, dec)
         loss, got = _generator_step(dec, batch, seed=3)
         delta = max((a - b).abs().max() for a, b in zip(got, want))
@@ -148,12 +149,12 @@ def test_decoupled_dmd_with_one_noise_draw_is_dmd2_with_a_cfg_teacher(tiny_teach
 
 def test_decoupled_weights_scale_their_terms(tiny_teacher):
     extra = ("data.resolution=8", "teacher.guidance_scale=2.0")
-    base, data = _recipe(tiny_teacher, "decoupled_dmd_digits.yaml", *extra)
+    base, data = _recipe(tiny_teacher, "digits/decoupled_dmd.yaml", *extra)
     batch = data.sample(4, torch.Generator().manual_seed(2))
     _train_critic(base, batch)
     grads = {}
     for dm, ca in ((1.0, 0.0), (0.0, 1.0), (2.0, 3.0)):
-        rec, _ = _recipe(tiny_teacher, "decoupled_dmd_digits.yaml", *extra, f"recipe.dm_weight={dm}",
+        rec, _ = _recipe(tiny_teacher, "digits/decoupled_dmd.yaml", *extra, f"recipe.dm_weight={dm}",
                          f"recipe.ca_weight={ca}")
         _copy_weights(base, rec)
         grads[(dm, ca)] = _generator_step(rec, batch, seed=5)[1]
@@ -170,7 +171,7 @@ def _perturb(module, seed: int) -> None:
 
 @pytest.mark.parametrize("adapters", [False, True])
 def test_vsd_gradient_is_zero_with_the_lora_off(tiny_teacher, adapters):
-    rec, data = _recipe(tiny_teacher, "swiftbrush_digits.yaml", "data.resolution=8", "teacher.guidance_scale=2.0",
+    rec, data = _recipe(tiny_teacher, "digits/swiftbrush.yaml", "data.resolution=8", "teacher.guidance_scale=2.0",
                         "recipe.lora_rank=4", f"recipe.adapters={str(adapters).lower()}")
     cond = data.sample(4, torch.Generator().manual_seed(0)).cond
     batch = Batch(None, cond)  # image-free: no real images at all
@@ -190,7 +191,7 @@ def test_vsd_gradient_is_zero_with_the_lora_off(tiny_teacher, adapters):
 
 
 def test_swiftbrush_label_dropout_uses_the_null_class(tiny_teacher):
-    rec, data = _recipe(tiny_teacher, "swiftbrush_digits.yaml", "data.resolution=8", "recipe.fake_label_dropout=0.5")
+    rec, data = _recipe(tiny_teacher, "digits/swiftbrush.yaml", "data.resolution=8", "recipe.fake_label_dropout=0.5")
     labels = torch.arange(2000) % 10
     torch.manual_seed(0)
     dropped = rec._dropped_labels({"class_labels": labels})["class_labels"]
@@ -199,10 +200,10 @@ def test_swiftbrush_label_dropout_uses_the_null_class(tiny_teacher):
     assert 0.45 < share < 0.55 and torch.equal(dropped[dropped != null], labels[dropped != null])
 
 
-@pytest.mark.parametrize("yaml,key,value", [("fdistill_digits.yaml", "recipe.gan", "false"),
-                                            ("swiftbrush_digits.yaml", "recipe.gan", "true"),
-                                            ("fdistill_digits.yaml", "recipe.divergence", "pearson"),
-                                            ("decoupled_dmd_digits.yaml", "recipe.ca_min_t", "0.99")])
+@pytest.mark.parametrize("yaml,key,value", [("digits/fdistill.yaml", "recipe.gan", "false"),
+                                            ("digits/swiftbrush.yaml", "recipe.gan", "true"),
+                                            ("digits/fdistill.yaml", "recipe.divergence", "pearson"),
+                                            ("digits/decoupled_dmd.yaml", "recipe.ca_min_t", "0.99")])
 def test_bad_recipe_keys_are_named(tiny_teacher, yaml, key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(yaml, tiny_overrides(tiny_teacher, "unused", f"{key}={value}"))

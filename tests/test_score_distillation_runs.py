@@ -13,18 +13,18 @@ import torch
 from test_export import CLEAN_LOAD, LABELS, _student_reference
 from tiny import subprocess_env, tiny_overrides, weights
 
-from distill.config import load_config
-from distill.trainer import Trainer
+from distill.training.preflight import load_config
+from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name -> (config, overrides): every recipe of the family, with and without one base in memory.
 RUNS = {
-    "dmd2_adapters": ("dmd2_adapters_digits.yaml", ("recipe.lora_rank=4", "recipe.gan=true")),
-    "fdistill_adapters": ("fdistill_digits.yaml", ("recipe.adapters=true", "recipe.lora_rank=4")),
-    "decoupled_2step": ("decoupled_dmd_digits.yaml", ("student.num_steps=2",)),
-    "swiftbrush": ("swiftbrush_digits.yaml", ("recipe.lora_rank=4", "teacher.guidance_scale=2.0")),
-    "swiftbrush_adapters": ("swiftbrush_digits.yaml", ("recipe.adapters=true", "recipe.lora_rank=4")),
+    "dmd2_adapters": ("digits/dmd2_adapters.yaml", ("recipe.lora_rank=4", "recipe.gan=true")),
+    "fdistill_adapters": ("digits/fdistill.yaml", ("recipe.adapters=true", "recipe.lora_rank=4")),
+    "decoupled_2step": ("digits/decoupled_dmd.yaml", ("student.num_steps=2",)),
+    "swiftbrush": ("digits/swiftbrush.yaml", ("recipe.lora_rank=4", "teacher.guidance_scale=2.0")),
+    "swiftbrush_adapters": ("digits/swiftbrush.yaml", ("recipe.adapters=true", "recipe.lora_rank=4")),
 }
 COMMON = ("trainer.ema_decay=0.9", "trainer.checkpoint_every=1", "trainer.generator.lr=1e-3",
           "trainer.critic.lr=1e-3", "teacher.guidance_scale=1.5")

@@ -7,7 +7,7 @@ before each call: both samples are equal, and equal to the student's own rollout
 (the export rule). Where `seeding` says a `torch.Generator()` of the call's own does not suffice (the pipeline does
 not pass it to `scheduler.step`, whose re-noising then draws from the global generator), such a generator is shown
 to give two different samples: if diffusers starts passing it, the test fails and the target's `passes_generator`
-(distill/targets.py) is to be updated.
+(distill/families/target.py) is to be updated.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import pytest
 import torch
 from tiny_pipelines import BUILDERS
 
-from distill.denoiser import load_denoiser
-from distill.export import export_pipeline, rollout, student_from_teacher, student_schedule
-from distill.targets import GLOBAL_SEED, OWN_GENERATOR, teacher_target
+from distill.models.denoiser import load_denoiser
+from distill.export.pipeline import export_pipeline
+from distill.models.schedules import rollout, student_from_teacher, student_schedule
+from distill.families.target import GLOBAL_SEED, OWN_GENERATOR, teacher_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +131,7 @@ def test_the_stated_seeding_reproduces_the_student(exported, family, k):
 def test_the_model_card_code_gives_the_same_images_twice(exported, family, monkeypatch):
     """The reported case: a 2-step Flux student called twice with the same generator gave images 0.94 apart. The
     model card's code, run as printed beside the folder, now gives equal images whatever ran before it."""
-    from distill.t2i_eval import exported_call
+    from distill.evaluation.t2i_eval import exported_call
 
     folder, _ = exported(family, 2)
     meta = json.loads((folder / "distill.json").read_text())
@@ -151,11 +152,11 @@ def test_the_model_card_code_gives_the_same_images_twice(exported, family, monke
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_evaluation_images_of_a_renoising_export_repeat(exported, family):
-    """The evaluation scripts' sampler (`distill.t2i_eval.generate`: a CPU generator per image) seeds the global
+    """The evaluation scripts' sampler (`distill.evaluation.t2i_eval.generate`: a CPU generator per image) seeds the global
     generator before each batch, so a 2-step flow student's evaluation images are the same on every run."""
     from diffusers import DiffusionPipeline
 
-    from distill.t2i_eval import CallSettings, generate
+    from distill.evaluation.t2i_eval import CallSettings, generate
 
     folder, _ = exported(family, 2)
     pipe = DiffusionPipeline.from_pretrained(folder)

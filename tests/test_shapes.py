@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import shapes
-from distill.shapes import CAPTIONS, COMBINATIONS, NUM_CAPTIONS, SPLITS, attributes_of, caption, shapes_split
-from distill.shapes_judge import JUDGE_COUNT, SHAPES_JUDGE_DIR, ShapesJudge, shapes_features
+from distill.demo import shapes
+from distill.demo.shapes import CAPTIONS, COMBINATIONS, NUM_CAPTIONS, SPLITS, attributes_of, caption, shapes_split
+from distill.demo.shapes_judge import JUDGE_COUNT, SHAPES_JUDGE_DIR, ShapesJudge, shapes_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +101,7 @@ def test_judge_reads_real_held_out_images(judge):
 
 
 def test_eval_fid_feature_module_gives_the_judges_features(judge):
-    # scripts/eval_fid.py --feature-module distill.shapes_judge:shapes_features reads PNGs as uint8: the features
+    # scripts/eval_fid.py --feature-module distill.demo.shapes_judge:shapes_features reads PNGs as uint8: the features
     # of the rounded images are the judge's features of the same rounded images, so its distance is FD-shapes.
     images = shapes_split("reference", 64)[0]
     as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -139,7 +139,7 @@ def test_text_teacher_training_reads_only_the_train_split(family, tmp_path, monk
 
     from tiny import REPO
 
-    from distill.config import ASSETS
+    from distill.base.paths import ASSETS
 
     real = shapes._split
 

@@ -1,5 +1,5 @@
 """The text-to-image evaluation scripts (scripts/eval_fid.py, eval_clip.py, bench_speed.py) and their shared pieces
-(distill/t2i_eval.py) on the tiny SD1.5 pipeline: FID with a stand-in feature network against a closed form, CLIP
+(distill/evaluation/t2i_eval.py) on the tiny SD1.5 pipeline: FID with a stand-in feature network against a closed form, CLIP
 score with a tiny local CLIPModel against a hand computation, and the speed table's rows and ratios."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from scipy import linalg
 from tiny import REPO
 from tiny_pipelines import PROMPTS, build_clip, build_sd15, stand_in_features
 
-from distill.t2i_eval import (BadInput, call_settings, center_crop_resize, from_pil, generate, load_pipeline,
-                              read_prompts, uint8_images)
+from distill.evaluation.t2i_eval import BadInput, call_settings, center_crop_resize, from_pil, generate, load_pipeline, read_prompts, uint8_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from distill.toy import GaussianMixture, ring, toy_mixture
-from distill.toy_metrics import mode_assignment, toy_report
+from distill.data.toy import GaussianMixture, ring, toy_mixture
+from distill.demo.toy_metrics import mode_assignment, toy_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,8 +53,8 @@ def test_noised_density_matches_noised_samples():
 
 
 def test_shipped_toy_teacher_is_close_to_the_exact_denoiser():
-    from distill.config import resolve_path
-    from distill.denoiser import load_denoiser
+    from distill.base.paths import resolve_path
+    from distill.models.denoiser import load_denoiser
     from distill.families.toy import ToyFamily
 
     teacher = load_denoiser(resolve_path("builtin:toy_teacher"), prediction="edm")
@@ -74,10 +74,10 @@ def test_shipped_toy_teacher_is_close_to_the_exact_denoiser():
 
 
 def test_toy_dataset_through_the_config():
-    from distill.config import load_config
+    from distill.training.preflight import load_config
     from distill.data import make_dataset
 
-    cfg = load_config("dmd2_toy.yaml")
+    cfg = load_config("toy/dmd2.yaml")
     data = make_dataset(cfg.data.name, cfg.data.resolution)
     batch = data.sample(5, torch.Generator().manual_seed(0))
     assert batch.images.shape == (5, 2) and torch.equal(batch.cond["class_labels"], torch.zeros(5, dtype=torch.int64))
@@ -114,7 +114,7 @@ def test_metrics_refuse_bad_samples():
 
 
 def test_toy_script_runs_every_toy_config(tmp_path, capsys):
-    """scripts/toy_recipes.py trains every recipes/*_toy.yaml (2 updates here) and writes a PNG and a table row each."""
+    """scripts/toy_recipes.py trains every recipes/toy/*.yaml (2 updates here) and writes a PNG and a table row each."""
     import importlib.util
     import json
 

@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 from tiny import tiny_config, weights
 
-from distill.config import ConfigError, load_config
-from distill.trainer import NonFiniteError, Trainer, latest_checkpoint, list_checkpoints
+from distill.base.errors import ConfigError
+from distill.training.preflight import load_config
+from distill.base.errors import NonFiniteError
+from distill.training.trainer import Trainer
+from distill.training.checkpoints import latest_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

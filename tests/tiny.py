@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_YAML = REPO / "recipes" / "dmd2_digits.yaml"
+DIGITS_YAML = REPO / "recipes" / "digits/dmd2.yaml"
 
 
 def tiny_unet(num_class_embeds: int | None = 11, attention: bool = True):
@@ -44,7 +44,7 @@ def build_tiny_teacher(root: Path) -> Path:
 
 
 def tiny_overrides(teacher: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Overrides of recipes/dmd2_digits.yaml for a run of seconds; later entries in `extra` win."""
+    """Overrides of recipes/digits/dmd2.yaml for a run of seconds; later entries in `extra` win."""
     return [
         f"teacher.path={teacher}",
         f"run.output_dir={run_dir}",
@@ -61,7 +61,7 @@ def tiny_overrides(teacher: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def tiny_config(teacher: Path, run_dir: Path, *extra: str):
-    from distill.config import load_config
+    from distill.training.preflight import load_config
 
     return load_config(DIGITS_YAML, tiny_overrides(teacher, run_dir, *extra))
 
@@ -91,7 +91,7 @@ def subprocess_env() -> dict[str, str]:
 
 def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
     """CPU copies of a trainer's generator, critic and EMA weights."""
-    from distill.trainer import unwrap
+    from distill.training.recipe import unwrap
 
     out = {
         "generator": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.recipe.generator).state_dict().items()},
@@ -102,8 +102,8 @@ def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _train_and_dump(dump_dir: str, config: str, overrides: list[str]) -> None:
-    from distill.config import load_config
-    from distill.trainer import Trainer
+    from distill.training.preflight import load_config
+    from distill.training.trainer import Trainer
 
     trainer = Trainer(load_config(config, overrides))
     steps_run = []

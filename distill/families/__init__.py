@@ -2,7 +2,7 @@
 
 An adapter overrides only the raw call (and, where a recipe needs them, the bottleneck features and the null
 condition for classifier-free guidance). Everything else (noise process, prediction conversions, guidance)
-lives in :class:`distill.denoiser.Denoiser`. A new family is a new module here plus one line in `_FAMILIES`.
+lives in :class:`distill.models.denoiser.Denoiser`. A new family is a new module here plus one line in `_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-Condition = dict[str, Tensor]
+from distill.base.batch import Condition
 
 
 class Family(Protocol):
@@ -53,7 +53,7 @@ _FAMILIES: dict[str, str] = {
     "ToyMLP": "distill.families.toy:ToyFamily",
 }
 
-# Network classes that are not part of diffusers (loaded by `distill.denoiser.load_denoiser` by class name).
+# Network classes that are not part of diffusers (loaded by `distill.models.denoiser.load_denoiser` by class name).
 _MODEL_CLASSES: dict[str, str] = {
     "ToyMLP": "distill.families.toy:ToyMLP",
 }
@@ -79,16 +79,3 @@ def family_for(model: nn.Module | str) -> Family:
     return getattr(importlib.import_module(module_name), attr)()
 
 
-def concat_conditions(a: Condition, b: Condition) -> Condition:
-    """Stack two conditions along the batch (for one batched guided call)."""
-    if a.keys() != b.keys():
-        raise ValueError(f"condition keys differ: {sorted(a)} vs {sorted(b)}")
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def repeat_condition(cond: Condition, n: int) -> Condition:
-    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-
-
-def index_condition(cond: Condition, index: Any) -> Condition:
-    return {k: v[index] for k, v in cond.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.families import Condition
+from distill.base.batch import Condition
 from distill.families.text import TextConditioned, token_features
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distill.families import Condition
+from distill.base.batch import Condition
 from distill.families.text import TextConditioned, patch_token_features
 
 

@@ -2,7 +2,7 @@
 taken from the middle of a transformer's token stream.
 
 The null condition is the pipeline's own empty-prompt encoding (what its `negative_prompt=""` would give), set once
-from the cached prompt embeddings (`distill.targets.PromptDataset`); before that is set, the text keys are zeroed
+from the cached prompt embeddings (`distill.data.prompts.PromptDataset`); before that is set, the text keys are zeroed
 (the convention of SD3 and Flux for dropped captions). Keys that are not text (SDXL's `time_ids`, Flux's
 `guidance`) are kept as they are.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.families import Condition
+from distill.base.batch import Condition
 
 
 class TextConditioned:

@@ -3,7 +3,7 @@
 `ToyMLP` is a diffusers `ModelMixin`/`ConfigMixin` (it saves and loads with `save_pretrained`/`from_pretrained`
 as safetensors plus a config), conditioned like `UNet2DModel` through `num_class_embeds` (the last row is the
 null class for classifier-free guidance). The toy teacher is `distill/assets/toy_teacher`
-(scripts/train_toy_teacher.py); the data and its exact density are in :mod:`distill.toy`.
+(scripts/train_toy_teacher.py); the data and its exact density are in :mod:`distill.data.toy`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from distill.families import Condition
+from distill.base.batch import Condition
 
 
 class ToyMLP(ModelMixin, ConfigMixin):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from distill.families import Condition
+from distill.base.batch import Condition
 
 
 class UNet2DFamily:

@@ -1,0 +1,375 @@
+"""FD-digits: a Fréchet distance in the feature space of a small digits classifier, and that classifier.
+
+FD-digits is NOT Inception FID. It uses the 64 penultimate features of a ~50k-parameter CNN trained on
+scikit-learn's 1,797 digits at 16x16 (shipped in `distill/assets/digits_classifier/`, trained by
+`scripts/train_digits_classifier.py`), not Inception-v3 pool3 features of 299x299 photographs. Its values
+are on a different scale and must never be compared with, or reported as, FIDs from papers.
+
+Protocol (see docs/fd_digits.md): `split_halves(1797, seed=0)` gives half A (899 real images), the reference
+set, and half B (898 real images). A figure is computed from exactly 898 images against half A; the floor is
+half B against half A ("real against real at the same count"). Fréchet distances are biased by the sample
+count, so only figures at that count against that reference are comparable, and the floor goes beside them.
+
+    judge = FDDigits(resolution=16)
+    judge.floor()                      # real vs real at the protocol count
+    judge(generated)                   # (898, 1, 16, 16) floats in [-1, 1]
+    judge.accuracy(generated, labels)  # for class-conditional students
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill.data.digits import NUM_DIGIT_CLASSES, digits_split
+
+DIGITS_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "digits_classifier"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# The protocol: reference = half A of split_halves(1797, seed=0) (899 images); figures use 898 images.
+NUM_DIGITS = 1797
+PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
+
+
+class ConvClassifier(nn.Module):
+    """Small CNN for (N, in_channels, R, R) images in [-1, 1]: two conv blocks, a `num_features`-wide feature layer,
+    a head of `num_classes` logits. The judges' classifiers (digits, shapes) are this network.
+
+    `features(x)` returns the penultimate features of the Frechet distances (GELU, not ReLU: no unit dies and the
+    feature covariance keeps full rank); `forward(x)` returns logits.
+    """
+
+    def __init__(self, in_channels: int, resolution: int, channels: tuple[int, int], num_features: int,
+                 num_classes: int, dropout: float) -> None:
+        super().__init__()
+        if resolution % 4 != 0:
+            raise ValueError(f"{type(self).__name__} resolution must be a multiple of 4, got {resolution}")
+        c1, c2 = channels
+        self.channels_in = in_channels
+        self.resolution = resolution
+        self.num_features = num_features
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.feature = nn.Linear(c2 * (resolution // 4) ** 2, num_features)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features, (N, num_features)."""
+        return F.gelu(self.feature(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, (N, num_classes)."""
+        return self.head(self.dropout(self.features(x)))
+
+
+class DigitsClassifier(ConvClassifier):
+    """The FD-digits classifier: a `ConvClassifier` for (N, 1, 16, 16) digits with 10 classes.
+    The constructor arguments are exactly what `config.json` stores."""
+
+    def __init__(self, resolution: int = 16, channels: tuple[int, int] = (16, 32), num_features: int = 64,
+                 num_classes: int = NUM_DIGIT_CLASSES, dropout: float = 0.2) -> None:
+        super().__init__(1, resolution, channels, num_features, num_classes, dropout)
+
+
+def load_classifier(folder: Path, build, what: str, script: str, tuple_keys: tuple[str, ...] = ("channels",)) -> nn.Module:
+    """A judge's classifier from `folder` (`config.json`: the constructor arguments of `build`; `model.safetensors`),
+    in eval mode, loaded with safetensors only; a missing or malformed file is an error naming it and `script`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{what} file missing: {file} (train it with {script})")
+    try:
+        config = json.loads(config_file.read_text())
+        for key in tuple_keys:
+            if key in config:
+                config[key] = tuple(config[key])
+        model = build(**config)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed {what} config {config_file}: {err}") from err
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"malformed {what} weights {weights_file}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights {weights_file} do not match config {config_file}: {err}") from err
+    return model.eval()
+
+
+def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
+    """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
+    folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
+    return load_classifier(folder, DigitsClassifier, "digits classifier", "scripts/train_digits_classifier.py")
+
+
+class ClassifierFeatureNet(nn.Module):
+    """Feature extractor for torchmetrics' `FrechetInceptionDistance(feature=...)`: a judge classifier's
+    penultimate features (`classifier.features`) as float64.
+
+    Takes float images (N, C, R, R) in [-1, 1] (C = `classifier.channels_in`, R = `classifier.resolution`).
+    torchmetrics 1.9.0 passes a custom module's input through unchanged (its `normalize` flag only converts
+    images for the built-in Inception), reads `num_features` instead of probing the module with a dummy uint8
+    image (so `input_img_size` is unused), accumulates float64 statistics, and casts the final distance to the
+    feature dtype: returning float64 features keeps the distance in float64. Never leaves eval mode; parameters
+    are frozen.
+    """
+
+    def __init__(self, classifier: ConvClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.classifier.requires_grad_(False)
+        self.num_features = self.classifier.num_features
+        self.resolution = self.classifier.resolution
+        self.channels = self.classifier.channels_in
+
+    def train(self, mode: bool = True) -> ClassifierFeatureNet:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.resolution, channels=self.channels)
+        return self.classifier.features(images.float()).double()
+
+
+class DigitsFeatureNet(ClassifierFeatureNet):
+    """`ClassifierFeatureNet` of the digits classifier (the shipped one unless given): FD-digits' features."""
+
+    def __init__(self, classifier: DigitsClassifier | None = None) -> None:
+        super().__init__(classifier if classifier is not None else load_digits_classifier())
+
+
+def check_images(images: torch.Tensor, resolution: int = 16, count: int | None = None, channels: int = 1) -> None:
+    """Raise ValueError unless `images` is a float tensor of shape (count or any, channels, resolution, resolution)."""
+    expected = f"({count if count is not None else 'N'}, {channels}, {resolution}, {resolution})"
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor of shape {expected}, got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.ndim != 4 or shape[1:] != (channels, resolution, resolution) or (count is not None and shape[0] != count):
+        raise ValueError(f"expected images of shape {expected}, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"expected float images in [-1, 1], got dtype {images.dtype} (uint8 in [0, 255]? use x / 127.5 - 1)"
+        )
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf")
+
+
+def _frechet_distance(
+    feature_net: ClassifierFeatureNet, images: torch.Tensor, reference: torch.Tensor, batch_size: int
+) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=feature_net).to(next(feature_net.parameters()).device)
+    for start in range(0, len(reference), batch_size):
+        fid.update(reference[start : start + batch_size], real=True)
+    for start in range(0, len(images), batch_size):
+        fid.update(images[start : start + batch_size], real=False)
+    return float(fid.compute())
+
+
+def fd_digits(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    batch_size: int = 512,
+    feature_net: DigitsFeatureNet | None = None,
+) -> float:
+    """FD-digits (NOT Inception FID) between two sets of (N, 1, 16, 16) float images in [-1, 1], any counts >= 2.
+
+    Images are clamped to [-1, 1] (as saving to PNG would). This is the raw distance with no protocol: figures
+    are only comparable at the same count against the same reference, so prefer `FDDigits` for reporting.
+    """
+    feature_net = feature_net if feature_net is not None else DigitsFeatureNet()
+    device = next(feature_net.parameters()).device
+    for name, x in (("images", images), ("reference", reference)):
+        check_images(x, feature_net.resolution)
+        if len(x) < 2:
+            raise ValueError(f"{name} needs at least 2 images for a covariance, got shape {tuple(x.shape)}")
+    images, reference = (x.to(device).clamp(-1.0, 1.0) for x in (images, reference))
+    return _frechet_distance(feature_net, images, reference, batch_size)
+
+
+def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0); half B is
+    also the train half of every digits training path (`distill.data.digits.digits_split`)."""
+    return digits_split("reference", resolution)[0], digits_split("train", resolution)[0]
+
+
+def knn_radii(features: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Distance of each feature vector to its k-th nearest neighbour within the same set (itself excluded)."""
+    if len(features) <= k:
+        raise ValueError(f"need more than k={k} feature vectors for k-NN radii, got {len(features)}")
+    d = torch.cdist(features, features)
+    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself (distance 0)
+
+
+def manifold_coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of `points` inside the union of balls B(centres[j], radii[j])."""
+    d = torch.cdist(points, centres)
+    return float((d <= radii[None, :]).any(dim=1).double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, arXiv 1904.06991, eq. 1-3) of feature sets.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the point's k-th
+    nearest neighbour in that set. Precision: the fraction of `fake` inside the real manifold (fidelity);
+    recall: the fraction of `real` inside the fake manifold (coverage; mode-dropping shows here).
+    """
+    real, fake = real.double(), fake.double()
+    precision = manifold_coverage(fake, real, knn_radii(real, k))
+    recall = manifold_coverage(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
+class ClassifierScore(NamedTuple):
+    accuracy: float  # fraction whose argmax class is the intended label
+    confidence: float  # mean softmax probability of the intended label
+
+
+class FrechetJudge:
+    """A Frechet distance judge with a protocol: a fixed reference set, a fixed count, and a floor.
+
+    `judge(images)` is the Frechet distance, in `feature_net`'s features, between exactly `judge.count` images
+    and `reference`; `floor()` is the same figure for `held_out`, real images the generators never scored
+    against (real against real at the same count). Fréchet distances are biased by the sample count, so any
+    other count raises. Reference statistics are computed once and cached. Subclasses set the data
+    (FD-digits: `FDDigits`; FD-shapes: `distill.demo.shapes_judge.ShapesJudge`).
+    """
+
+    def __init__(self, feature_net: ClassifierFeatureNet, reference: torch.Tensor, held_out: torch.Tensor,
+                 batch_size: int = 512, device: str | torch.device = "cpu") -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.feature_net = feature_net.to(device)
+        self.resolution = feature_net.resolution
+        self.channels = feature_net.channels
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.reference, self.held_out = reference, held_out
+        self.count = len(held_out)
+        self._floor: float | None = None
+        self._floor_pr: tuple[float, float] | None = None
+        self._reference_features: torch.Tensor | None = None
+        # reset_real_features=False: reset() clears only the generated-side statistics.
+        self._fid = FrechetInceptionDistance(feature=self.feature_net, reset_real_features=False).to(self.device)
+        for start in range(0, len(self.reference), batch_size):
+            self._fid.update(self.reference[start : start + batch_size].to(self.device), real=True)
+
+    def check(self, images: torch.Tensor, count: int | None = None) -> None:
+        check_images(images, self.resolution, count=count, channels=self.channels)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """The Frechet distance of exactly `self.count` float images in [-1, 1] (clamped, as saving to PNG would)
+        against the reference."""
+        self.check(images, count=self.count)
+        images = images.to(self.device).clamp(-1.0, 1.0)
+        self._fid.reset()
+        for start in range(0, len(images), self.batch_size):
+            self._fid.update(images[start : start + self.batch_size], real=False)
+        return float(self._fid.compute())
+
+    def floor(self) -> float:
+        """Real against real at the protocol count: `held_out` against the reference."""
+        if self._floor is None:
+            self._floor = self(self.held_out)
+        return self._floor
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge's features (N, num_features) of float images in [-1, 1] (clamped)."""
+        self.check(images)
+        return torch.cat([
+            self.feature_net(images[start : start + self.batch_size].to(self.device).clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits of float images in [-1, 1] (clamped), any count."""
+        self.check(images)
+        classifier = self.feature_net.classifier
+        return torch.cat([
+            classifier(images[start : start + self.batch_size].to(self.device).float().clamp(-1.0, 1.0))
+            for start in range(0, len(images), self.batch_size)
+        ]).cpu()  # fmt: skip
+
+    def precision_recall(self, images: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+        """Improved precision and recall (k = 3) of exactly `self.count` images against the reference, in the
+        judge's features. The real `held_out` set gives the protocol's reference values (`floor_precision_recall`)."""
+        self.check(images, count=self.count)
+        if self._reference_features is None:
+            self._reference_features = self.features(self.reference)
+        return precision_recall(self._reference_features, self.features(images), k)
+
+    def floor_precision_recall(self) -> tuple[float, float]:
+        """Precision and recall of the real `held_out` set against the reference: what a perfect generator would
+        score."""
+        if self._floor_pr is None:
+            self._floor_pr = self.precision_recall(self.held_out)
+        return self._floor_pr
+
+
+class FDDigits(FrechetJudge):
+    """The FD-digits judge (NOT Inception FID; not comparable to paper FIDs).
+
+    Reference: half A (899 real digits). `judge(images)` needs exactly `judge.count` = 898 images so every
+    figure has the same sample-count bias as `judge.floor()` (half B against half A); any other count raises.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 16,
+        classifier: DigitsClassifier | None = None,
+        batch_size: int = 512,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        feature_net = DigitsFeatureNet(classifier)
+        if resolution != feature_net.resolution:
+            raise ValueError(
+                f"FD-digits classifier works at resolution {feature_net.resolution}, got resolution={resolution}"
+            )
+        super().__init__(feature_net, *protocol_halves(resolution), batch_size=batch_size, device=device)
+
+    def report(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """FD-digits, precision, recall and (with `labels`) classifier accuracy of `self.count` images."""
+        precision, recall = self.precision_recall(images)
+        out = {"fd_digits": self(images), "precision": precision, "recall": recall}
+        if labels is not None:
+            out["accuracy"] = self.accuracy(images, labels).accuracy
+        return out
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> ClassifierScore:
+        """How often the classifier recognises the intended `labels` in (N, 1, 16, 16) images (any N)."""
+        self.check(images)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if tuple(labels.shape) != (len(images),):
+            raise ValueError(f"expected labels of shape ({len(images)},), got {tuple(labels.shape)}")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < NUM_DIGIT_CLASSES):
+            low, high = int(labels.min()), int(labels.max())
+            raise ValueError(f"labels must be in [0, {NUM_DIGIT_CLASSES}), got range [{low}, {high}]")
+        probs = self.logits(images).softmax(dim=-1)
+        correct = (probs.argmax(dim=-1) == labels).double().mean()
+        confidence = probs.gather(1, labels[:, None]).double().mean()
+        return ClassifierScore(accuracy=float(correct), confidence=float(confidence))
+
+
+def fd_digits_floor(resolution: int = 16) -> float:
+    """The protocol floor: FD-digits of half B (898 real images) against half A (899)."""
+    return FDDigits(resolution=resolution).floor()

@@ -1,0 +1,195 @@
+"""One denoiser interface for teacher, student and fake score over diffusers models.
+
+A :class:`Denoiser` owns a diffusers network, the adapter of its family (how to call it), its noise process
+(how native time maps to alpha, sigma and the network's inputs) and its native prediction kind. It hands back
+whichever prediction a recipe asks for: ``"x0"``, ``"epsilon"``, ``"v"``, ``"flow"``, ``"trigflow"``, ...
+
+Classifier-free guidance convention (stated once, used everywhere): ``pred = uncond + w (cond - uncond)``;
+w = 1 is the plain conditional model. (Codebases that write ``cond + w' (cond - uncond)`` use w' = w - 1.)
+Guidance combines native raw outputs, which equals combining x0 estimates because every conversion is affine
+in the raw output at fixed x_t.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from distill.base.batch import Condition, concat_conditions
+from distill.families import Family, family_for, model_class
+from distill.parametrization import (
+    DIFFUSERS_PREDICTION_TYPES,
+    EDMProcess,
+    FlowProcess,
+    Process,
+    TrigFlowProcess,
+    VPProcess,
+    _bcast,
+    convert,
+)
+
+
+class Denoiser(nn.Module):
+    """A diffusers network behind the common prediction interface.
+
+    Args:
+        model: the diffusers network (UNet2DModel, ...).
+        process: its noise process; `t` arguments are in this process's native time.
+        prediction: the network's native output kind (see :mod:`distill.parametrization`).
+        family: the model-family adapter; looked up from the model's class when omitted.
+    """
+
+    def __init__(self, model: nn.Module, process: Process, prediction: str, family: Family | None = None):
+        super().__init__()
+        self.model = model
+        self.process = process
+        self.prediction = prediction
+        self.family = family or family_for(model)
+        #: where a loaded teacher came from ({"folder", "network_config", "scheduler_config", "resolution"}): the
+        #: export writes the student into that pipeline (distill.families.target)
+        self.source: dict | None = None
+
+    # -- conversions ----------------------------------------------------------------------------------------
+    def _consts(self) -> dict[str, float]:
+        p = self.process
+        return {"sigma_data": getattr(p, "sigma_data", 1.0), "sigma_min": getattr(p, "sigma_min", 0.0)}
+
+    def convert(self, raw: Tensor, x_t: Tensor, t: Tensor, want: str) -> Tensor:
+        """Convert this network's native output at (x_t, t) into prediction kind `want`."""
+        alpha, sigma = self.process.alpha_sigma(t)
+        alpha, sigma = _bcast(alpha, x_t).to(x_t.dtype), _bcast(sigma, x_t).to(x_t.dtype)
+        return convert(raw, self.prediction, want, x_t, alpha, sigma, **self._consts())
+
+    def to_native(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The native output that corresponds to the x0 estimate `x0` at (x_t, t) (inverse of `convert(.., "x0")`)."""
+        alpha, sigma = self.process.alpha_sigma(t)
+        alpha, sigma = _bcast(alpha, x_t).to(x_t.dtype), _bcast(sigma, x_t).to(x_t.dtype)
+        return convert(x0, "x0", self.prediction, x_t, alpha, sigma, **self._consts())
+
+    # -- calls ----------------------------------------------------------------------------------------------
+    def _inputs(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(f"t must have shape ({x_t.shape[0]},) to match x_t {tuple(x_t.shape)}, got {tuple(t.shape)}")
+        scale = _bcast(self.process.input_scale(t), x_t).to(x_t.dtype)
+        return x_t * scale, self.process.model_time(t)
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """The network's native output at (x_t, t)."""
+        x_in, time = self._inputs(x_t, t)
+        return self.family.call(self.model, x_in, time, cond)
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Condition, want: str = "x0", guidance_scale: float = 1.0
+    ) -> Tensor:
+        """Prediction `want` at (x_t, t), with classifier-free guidance `guidance_scale` (1 = none)."""
+        if guidance_scale == 1.0:
+            raw = self.raw(x_t, t, cond)
+        else:
+            null = self.family.null_condition(self.model, cond)
+            both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_conditions(cond, null))
+            c, u = both.chunk(2)
+            raw = u + guidance_scale * (c - u)
+        return self.convert(raw, x_t, t, want)
+
+    def with_features(self, x_t: Tensor, t: Tensor, cond: Condition, want: str = "x0") -> tuple[Tensor, Tensor]:
+        """Prediction `want` and the network's bottleneck features, from one forward pass."""
+        x_in, time = self._inputs(x_t, t)
+        raw, feats = self.family.call_with_features(self.model, x_in, time, cond)
+        return self.convert(raw, x_t, t, want), feats
+
+    def copy(self, trainable: bool = True) -> "Denoiser":
+        """A deep copy (student or fake score initialised from a teacher)."""
+        twin = Denoiser(copy.deepcopy(self.model), self.process, self.prediction, self.family)
+        twin.model.requires_grad_(trainable)
+        twin.model.train(trainable)
+        twin.source = self.source
+        return twin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a teacher from a diffusers folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def process_from_scheduler_config(config: dict, mu: float | None = None) -> tuple[Process, str]:
+    """(process, default prediction kind) described by a diffusers scheduler config; `mu` is the dynamic shift of a
+    `use_dynamic_shifting` flow scheduler at the run's resolution (distill.families.target.dynamic_mu)."""
+    name = config.get("_class_name", "")
+    if config.get("use_flow_sigmas"):  # Wan's UniPCMultistepScheduler: rectified flow with a static flow_shift
+        return FlowProcess(shift=float(config.get("flow_shift", 1.0))), "flow"
+    if name == "CMStochasticIterativeScheduler":
+        proc = EDMProcess(
+            sigma_min=float(config.get("sigma_min", 0.002)),
+            sigma_max=float(config.get("sigma_max", 80.0)),
+            sigma_data=float(config.get("sigma_data", 0.5)),
+            rho=float(config.get("rho", 7.0)),
+        )
+        return proc, "cm"
+    if name.startswith("FlowMatch"):
+        if config.get("use_dynamic_shifting"):
+            # The shift depends on the image size (mu from the token count, parametrization.flow_shift_mu).
+            if mu is None:
+                raise ValueError(f"{name} with use_dynamic_shifting=True: the shift depends on the resolution; "
+                                 "load the teacher with its resolution (data.resolution)")
+            return FlowProcess(mu=float(mu)), "flow"
+        return FlowProcess(shift=float(config.get("shift", 1.0))), "flow"
+    if name == "SCMScheduler":
+        return TrigFlowProcess(sigma_data=float(config.get("sigma_data", 0.5))), "trigflow"
+    if "beta_schedule" in config or name in {"DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"}:
+        ptype = config.get("prediction_type", "epsilon")
+        if ptype not in DIFFUSERS_PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type {ptype!r} is not supported")
+        return VPProcess.from_scheduler_config(config), DIFFUSERS_PREDICTION_TYPES[ptype]
+    raise ValueError(f"cannot infer a noise process from scheduler class {name!r}")
+
+
+def load_denoiser(
+    path: str | Path,
+    prediction: str | None = None,
+    subfolder: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    trainable: bool = False,
+    resolution: int | None = None,
+) -> Denoiser:
+    """Load a denoiser from a diffusers pipeline-style folder (`<subfolder>/` network + `scheduler/` config).
+
+    `prediction` overrides the kind inferred from the scheduler (e.g. "edm" for an EDM-preconditioned teacher
+    stored with a CMStochasticIterativeScheduler config, which carries the same c_in and c_noise). `resolution`
+    (pixels) sets the shift of a dynamic-shift flow teacher (Flux), as its pipeline does at that size.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"teacher folder {str(root)!r} does not exist")
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise FileNotFoundError(f"{str(sched_file)!r} is missing: a teacher folder needs a scheduler config")
+    sched_config = json.loads(sched_file.read_text())
+    if subfolder is None:
+        subfolder = next((s for s in ("unet", "transformer") if (root / s / "config.json").is_file()), None)
+        if subfolder is None:
+            raise FileNotFoundError(f"no 'unet/config.json' or 'transformer/config.json' under {str(root)!r}")
+    model_config = json.loads((root / subfolder / "config.json").read_text())
+    mu = None
+    if sched_config.get("use_dynamic_shifting"):
+        from distill.families.target import dynamic_mu
+
+        mu = dynamic_mu(root, model_config, sched_config, resolution)
+    process, default_kind = process_from_scheduler_config(sched_config, mu)
+
+    class_name = model_config.get("_class_name")
+    model_cls = model_class(class_name) if isinstance(class_name, str) else None
+    if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
+        from distill.base.errors import ConfigError
+
+        raise ConfigError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
+    model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
+    model.requires_grad_(trainable)
+    model.train(trainable)
+    denoiser = Denoiser(model, process, prediction or default_kind, family_for(model))
+    denoiser.source = {"folder": str(root), "network_config": model_config, "scheduler_config": sched_config,
+                       "resolution": resolution}
+    return denoiser

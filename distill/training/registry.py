@@ -1,0 +1,45 @@
+"""Finding and building recipes. A recipe is one distillation method per file (`distill.recipes.<name>`, the
+top-level `recipes/` folder), each with a `Config` (a `distill.config.Section`) and
+`build(cfg, teacher, dataset, device) -> recipe` (see `distill.training.recipe.Recipe`). YAML configs sit beside them.
+`distill.recipes` is a namespace package (no `__init__.py`, so the folder never shadows an installed `recipes`).
+
+A recipe that trains on something other than the `data:` section's dataset (a pair store) sets `recipe.dataset`;
+the trainer then draws its batches from that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distill.base.paths import RECIPES_DIR, resolve_path
+from distill.config import Config, recipe_module
+
+
+def build_recipe(cfg: Config, device: torch.device):
+    """Load the teacher and data named by `cfg` and build its recipe; returns (recipe, dataset)."""
+    from distill.data import make_dataset
+    from distill.models.denoiser import load_denoiser
+
+    teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction,
+                            resolution=cfg.data.resolution)
+    teacher.to(device)
+    dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
+    null = getattr(dataset, "null_condition", None)
+    if null:  # text families: guidance's unconditional half is the pipeline's empty prompt
+        teacher.family.set_null_embeddings(null)
+    recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
+    return recipe, getattr(recipe, "dataset", None) or dataset
+
+
+def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]:
+    """name -> config of every shipped `recipes/<kind>/<name>.yaml` (kind "digits", "toy"): how the comparison
+    scripts find their participants, so a recipe joins by adding a config. `names` selects; an unknown one is an
+    error that lists what exists."""
+    found = {p.stem: p for p in sorted((RECIPES_DIR / kind).glob("*.yaml"))}
+    if names is None:
+        return found
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ValueError(f"--recipes: no recipes/{kind}/<name>.yaml for {unknown}; available: {sorted(found)}")
+    return {n: found[n] for n in names}
