@@ -59,15 +59,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderTiny, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderTiny,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import EMAModel
 from torch.overrides import TorchFunctionMode
 
+from distill.demo.shapes import CAPTIONS, NUM_CAPTIONS, RESOLUTION, shapes_split
+from distill.families.sd3 import SD3
+from distill.families.unet2d_condition import SD15
 from distill.models.denoiser import Denoiser, process_from_scheduler_config
 from distill.parametrization import add_noise
-from distill.demo.shapes import CAPTIONS, NUM_CAPTIONS, RESOLUTION, shapes_split
-from distill.families.target import TARGETS
 
 MAX_TOKENS = 10  # <start> + up to 8 words + <end>
 TEXT_WIDTH = 32
@@ -366,7 +374,7 @@ def main() -> None:
     scheduler = build_scheduler(args.family, args.shift)
     pipe = build_pipeline(args.family, tokenizer, text_encoders, vae.eval(), network, scheduler)
     # The captions as the pipeline's own call encodes them (CFG off), in the network's condition keys
-    target = TARGETS[type(network).__name__]
+    target = SD3 if args.family == "sd3" else SD15
     caption_cond = target.encode(pipe, list(CAPTIONS), RESOLUTION, torch.device("cpu"))
     empty = target.encode(pipe, [""], RESOLUTION, torch.device("cpu"))
     check_distinct(caption_cond, empty)
@@ -425,7 +433,7 @@ def check_repeated_token(teacher: Denoiser, pipe, latents: torch.Tensor, pad_row
     """The trained transformer on the stock prompt (all rows) against the training call (RepeatedLastToken) at a
     few noisy latents: the largest difference (float rounding only; > 1e-3 stops the script), and, to show that
     the rows' number matters, the difference when they are fed once without the mode."""
-    target = TARGETS["SD3Transformer2DModel"]
+    target = SD3
     full = target.encode(pipe, list(CAPTIONS[:8]) + [""], RESOLUTION, torch.device("cpu"))
     collapsed, _ = collapse_repeated_rows(full, MAX_TOKENS)
     generator = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ from tiny import NO_DISTILL, subprocess_env
 from tiny_pipelines import BUILDERS, CLASS_PROMPTS, PROMPTS, write_prompts
 
 from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
 from distill.models.schedules import rollout
+from distill.training.preflight import load_config
 from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,10 +195,8 @@ def test_flow_unet2d_teacher_is_refused_before_training(tmp_path):
 
 def test_flux_dynamic_shift_comes_from_the_resolution():
     """Flux's shift mu is the pipeline's calculate_shift of the packed token count at the run's resolution."""
+    from distill.families.flux import FLUX as flux
     from distill.parametrization import flow_shift_mu
-    from distill.families.target import TARGETS
-
-    flux = TARGETS["FluxTransformer2DModel"]
     net = {"_class_name": "FluxTransformer2DModel", "in_channels": 64}
     assert flux.image_seq_len(Path("/nonexistent"), net, 1024) == 4096  # (1024 / 8 / 2)^2 with the VAE factor 8
     sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_shift": 0.5,
@@ -299,7 +297,8 @@ def test_flow_k_step_schedules_end_at_the_trailing_step():
     """SD3 and Wan sample through `set_timesteps(k)`, which alone ends at sigma_min (a last step at sigma 0.003,
     nearly a no-op); the exported scheduler's shift_terminal puts the last step at shift(1/k), as Flux's
     linspace(1, 1/k, k) does, and the first stays at 1."""
-    from distill.families.target import TARGETS
+    from distill.families.sd3 import SD3
+    from distill.families.wan import WAN
     from distill.models.schedules import student_times
 
     def shifted(s, shift=3.0):
@@ -307,7 +306,7 @@ def test_flow_k_step_schedules_end_at_the_trailing_step():
 
     sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
     wan = {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0}
-    for target, sched in ((TARGETS["SD3Transformer2DModel"], sd3), (TARGETS["WanTransformer3DModel"], wan)):
+    for target, sched in ((SD3, sd3), (WAN, wan)):
         assert student_times(target, sched, 1, 0).tolist() == [1.0]
         for k in (2, 3, 4):
             times = student_times(target, sched, k, 0)

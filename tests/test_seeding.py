@@ -7,7 +7,7 @@ before each call: both samples are equal, and equal to the student's own rollout
 (the export rule). Where `seeding` says a `torch.Generator()` of the call's own does not suffice (the pipeline does
 not pass it to `scheduler.step`, whose re-noising then draws from the global generator), such a generator is shown
 to give two different samples: if diffusers starts passing it, the test fails and the target's `passes_generator`
-(distill/families/target.py) is to be updated.
+(in its family's module, distill/families/<family>.py) is to be updated.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pytest
 import torch
 from tiny_pipelines import BUILDERS
 
-from distill.models.denoiser import load_denoiser
 from distill.export.pipeline import export_pipeline
-from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.families.target import GLOBAL_SEED, OWN_GENERATOR, teacher_target
+from distill.models.denoiser import load_denoiser
+from distill.models.schedules import rollout, student_from_teacher, student_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

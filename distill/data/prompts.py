@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from distill.base.batch import Batch, Condition
-from distill.families.target import Target, class_indices, teacher_target
+from distill.families.target import Target, teacher_target
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -65,8 +65,7 @@ class PromptDataset:
                              "UNet2DModel")
         self.target = target
         self.prompts = list(prompts_file) if isinstance(prompts_file, list) else read_prompts(prompts_file)
-        if target.class_conditional:
-            class_indices(self.prompts, net.get("num_embeds_ada_norm"))
+        target.check_prompts(self.prompts, net)
         self.image_shape = target.latent_shape(folder, net, resolution, num_frames)
         self.cond, self.null_condition = cached_embeddings(folder, target, self.prompts, resolution, cache_dir,
                                                            torch.device(device))

@@ -9,7 +9,7 @@ from typing import Any
 from distill.base.errors import ConfigError, ExportRefused
 from distill.base.paths import resolve_path
 from distill.data.prompts import read_prompts
-from distill.families.target import _json, class_indices, pipeline_class, target_for, teacher_target
+from distill.families.target import pipeline_class, read_json, target_for, teacher_target
 
 
 def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.path", resolution: int | None = None,
@@ -21,9 +21,9 @@ def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.p
     sub = next((s for s in ("unet", "transformer") if (folder / s / "config.json").is_file()), None)
     if sub is None:
         return  # distill.training.files names the missing network folder
-    net = _json(folder / sub / "config.json")
+    net = read_json(folder / sub / "config.json")
     try:
-        target = target_for(net, _json(folder / "scheduler" / "scheduler_config.json"), prediction,
+        target = target_for(net, read_json(folder / "scheduler" / "scheduler_config.json"), prediction,
                             pipeline_class(folder))
     except ExportRefused as e:
         raise ConfigError(f"{key}: {str(folder)!r}: {e}") from None
@@ -37,7 +37,7 @@ def check_exportable(folder: Path, prediction: str | None, key: str = "teacher.p
         except ExportRefused as e:  # the message starts with the data key
             raise ConfigError(f"{e} (teacher {str(folder)!r})") from None
     if target is not None and target.class_conditional and prompts is not None and prompts.is_file():
-        class_indices(read_prompts(prompts), net.get("num_embeds_ada_norm"))
+        target.check_prompts(read_prompts(prompts), net)
 
 
 def check_custom_timesteps(cfg: Any, timesteps: list[int] | None, key: str = "recipe.timesteps") -> None:
@@ -57,14 +57,12 @@ def check_expert_export(folder: Path, prediction: str | None, key: str = "recipe
     """Refuse, when the config is loaded, an expert-per-step student (Phased DMD) of a latent family whose stock
     pipeline has no `callback_on_step_end`, through which :data:`LATENT_EXPERT_LOOP` switches experts."""
 
-    import diffusers
-
     from distill.base.errors import ConfigError
 
     target, _, _ = teacher_target(folder, prediction)
     if target is None:
         return
-    call = getattr(diffusers, target.pipeline).__call__
+    call = target.diffusers_pipeline().__call__
     if "callback_on_step_end" not in inspect.signature(call).parameters:
         raise ConfigError(f"{key}: an expert-per-step student is exported as {target.pipeline} with its network "
                           "switched between steps by the pipeline's callback_on_step_end, which "

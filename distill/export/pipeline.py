@@ -11,7 +11,7 @@ Targets so far:
   `ConsistencyModelPipeline` + `CMStochasticIterativeScheduler` (one step by default; a k-step student is
   called with `num_inference_steps=k`, which reproduces its trained sigmas exactly);
 * latent families (SD1.5, SDXL, SD3, Flux, Wan, PixArt, DiT) -> their own stock pipelines, with the schedules
-  and writers of `distill.families.target`.
+  and writers of their targets (declared by each family module, `distill.families.target.Target`).
 """
 
 from __future__ import annotations
@@ -145,9 +145,7 @@ def add_lora(adapter, target, folder: Path, name: str, config: Any) -> None:
     config as metadata), so `pipe.load_lora_weights(folder)` on the teacher's pipeline rebuilds the student; the
     model card gets the calls (`name`: the folder's final name). Nothing for a pipeline without a LoRA loader (DiT,
     PixArt)."""
-    import diffusers
-
-    cls = getattr(diffusers, target.pipeline)
+    cls = target.diffusers_pipeline()
     if adapter.adapter is None or target.subfolder not in (getattr(cls, "_lora_loadable_modules", None) or []):
         return
     state, lora = adapter.lora_weights()
@@ -195,7 +193,7 @@ def _export_latent(student: Denoiser, out_dir: Path, num_steps: int, config: Any
             "recipe": getattr(config, "recipe_name", None)}
     if absent:
         meta["absent_components"] = absent
-    if target.packed and src["network_config"].get("guidance_embeds"):
+    if target.embedded_guidance(src["network_config"]) is not None:
         guidance_line = (f"- guidance: `guidance_scale={guidance}` is the embedded guidance the student was trained "
                          "with (Flux dev's default); the teacher's classifier-free guidance was distilled in\n")
     else:

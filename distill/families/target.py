@@ -1,5 +1,11 @@
-"""Export targets of latent (text- or class-conditioned) families: the stock pipeline each student leaves as, the
-schedule its k-step sampler visits, how the pipeline encodes prompts, and what cannot be exported (and why).
+"""What every export target of a latent (text- or class-conditioned) family shares: the stock pipeline a student
+leaves as, the schedule its k-step sampler visits, the exported call, and what cannot be exported (and why).
+
+The targets themselves live with their families (`distill/families/<family>.py`): each family module declares its
+`Target` instances (a subclass where its pipeline encodes prompts, adds conditions or is called its own way) and
+picks one from a teacher's configs (`export_target`); `target_for` finds it through the family registry, so a new
+family is one new module plus one registry line in `distill/families/__init__.py`, and this file knows no pipeline
+by name.
 
 The rule (docs/design.md): a student trains with exactly its pipeline's sampler. Every target here samples
 "predict x0, re-noise to the next trained time with fresh noise" (DMD2 sec. 4.4, backward simulation):
@@ -26,9 +32,9 @@ and returns it: the initial noise and every re-noising are then one seeded strea
 draws after `torch.manual_seed(0)`.
 
 Each pipeline's call is reproduced argument for argument where its defaults differ from its `encode_prompt`'s (Wan
-encodes 512 tokens in the call, 226 by default; PixArt cleans captions in the call), and where a pipeline cannot
-sample the student at the trained size it is refused when the config is loaded (DiTPipeline samples only at its
-transformer's `sample_size`).
+encodes 512 tokens in the call, 226 by default; PixArt cleans captions in the call: the families' `encode`), and
+where a pipeline cannot sample the student at the trained size it is refused when the config is loaded (DiTPipeline
+samples only at its transformer's `sample_size`).
 
 Guidance is off in the exported call (`guidance_scale` at the pipeline's "no CFG" value; Flux dev: its embedded
 guidance); the model card states it. docs/families.md lists the families, their targets and their exact calls.
@@ -47,65 +53,58 @@ from torch import Tensor
 
 from distill.base.batch import Condition
 from distill.base.errors import ExportRefused
+from distill.families import family_for, supported_networks
 from distill.parametrization import flow_shift_mu
-
-#: the embedded guidance a guidance-distilled Flux (dev) is called with: FluxPipeline's default guidance_scale.
-FLUX_EMBEDDED_GUIDANCE = 3.5
 
 #: LCMScheduler's timestep_scaling that switches its consistency boundary condition off (see the module doc).
 NO_BOUNDARY_SCALING = 1e10
 
 
-def _absent(folder: Path) -> dict[str, None]:
+def absent_as_none(folder: Path) -> dict[str, None]:
     """Optional components the folder was saved without (model_index.json entry [null, null], e.g. SD3 without
     T5): from_pretrained needs them passed as None."""
-    index = _json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A config file as a dict, {} where the file does not exist."""
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One stock pipeline for one network class."""
+    """One stock pipeline for one network class: the sampler set-up every target shares. A family subclasses it
+    where its pipeline differs (how it encodes prompts, conditions it adds, arguments of its call)."""
 
     network: str  # diffusers model class
     pipeline: str  # diffusers pipeline class
     subfolder: str  # "unet" or "transformer"
     kind: str  # "vp" or "flow"
-    packed: bool = False  # Flux: 2x2 latent patches are one token
-    video: bool = False  # Wan: (C, F, H, W) latents
-    class_conditional: bool = False  # DiT: "prompts" are class indices
+    packed: bool = False  # the pipeline's latents are 2x2 latent patches as tokens (Flux)
+    video: bool = False  # (C, F, H, W) latents (Wan)
+    class_conditional: bool = False  # "prompts" are class indices (DiT)
     passes_generator: bool = False  # the pipeline hands its call's `generator` to `scheduler.step` (the re-noising)
+    guidance_off: float = 1.0  # the call's guidance_scale that turns classifier-free guidance off
+    size_multiple: int = 1  # the pipeline's own rule on height and width (WanPipeline: a multiple of 16)
 
     # -- latents ---------------------------------------------------------------------------------------------
     def vae_factors(self, folder: Path) -> tuple[int, int]:
-        """(spatial, temporal) downsampling of the pipeline's VAE, as the pipeline computes them (WanPipeline reads
-        the VAE config's scale factors, whose class defaults are 8 and 4; the image pipelines count its blocks)."""
-        vae = _json(folder / "vae" / "config.json")
-        if self.video:
-            return int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)
+        """(spatial, temporal) downsampling of the pipeline's VAE, as an image pipeline computes them: from the
+        number of its blocks, no temporal downsampling."""
+        vae = read_json(folder / "vae" / "config.json")
         return 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1), 1
 
     def latent_shape(self, folder: Path, network_config: dict, resolution: int, num_frames: int = 1) -> tuple[int, ...]:
         """The latents the pipeline samples at `resolution` (and `num_frames`); ExportRefused, naming the data key,
         where the pipeline would sample another size than the one trained."""
         spatial, temporal = self.vae_factors(folder)
-        multiple = spatial * self.patch(network_config)
-        if self.video:  # WanPipeline.check_inputs: height and width divisible by 16
-            multiple = math.lcm(multiple, 16)
+        multiple = math.lcm(spatial * self.patch(network_config), self.size_multiple)
         if resolution % multiple:
+            own = f", and of {self.size_multiple}" if self.size_multiple > 1 else ""
             raise ExportRefused(f"data.resolution: {self.pipeline} needs a multiple of {multiple} (VAE factor "
-                                f"{spatial} times the patch size {self.patch(network_config)}"
-                                f"{', and of 16' if self.video else ''}), got {resolution}")
+                                f"{spatial} times the patch size {self.patch(network_config)}{own}), got {resolution}")
         side = resolution // spatial
-        if self.class_conditional and side != network_config.get("sample_size"):
-            native = network_config.get("sample_size", 0) * spatial
-            raise ExportRefused(f"data.resolution: {self.pipeline} samples only at its transformer's sample_size "
-                                f"({network_config.get('sample_size')} latents, {native} px; it has no height or "
-                                f"width argument), got {resolution}; use data.resolution={native}")
         channels = network_config.get("in_channels", 4) // (4 if self.packed else 1)
         if not self.video:
             if num_frames != 1:
@@ -124,7 +123,7 @@ class Target:
         return (resolution // spatial // self.patch(network_config)) ** 2
 
     def patch(self, network_config: dict) -> int:
-        """Latent pixels per token side (Flux: the 2x2 packing)."""
+        """Latent pixels per token side (packed latents: the 2x2 packing)."""
         if self.packed:
             return 2
         p = network_config.get("patch_size") or 1
@@ -142,7 +141,7 @@ class Target:
             return LCMScheduler(**{k: config[k] for k in keep if k in config}, original_inference_steps=num_steps,
                                 timestep_scaling=NO_BOUNDARY_SCALING, clip_sample=False, set_alpha_to_one=True,
                                 steps_offset=1)
-        return FlowMatchEulerDiscreteScheduler(**self._flow_config(config, num_steps), stochastic_sampling=True)
+        return FlowMatchEulerDiscreteScheduler(**self.flow_config(config, num_steps), stochastic_sampling=True)
 
     def ode_scheduler(self, teacher_scheduler_config: dict, num_steps: int):
         """A flow family's deterministic Euler ODE sampler at the teacher's shift, on the k-step times of
@@ -152,12 +151,13 @@ class Target:
 
         if self.kind != "flow":
             raise ExportRefused(f"{self.pipeline} has no flow-matching ODE scheduler (a VP family)")
-        return FlowMatchEulerDiscreteScheduler(**self._flow_config(teacher_scheduler_config, num_steps))
+        return FlowMatchEulerDiscreteScheduler(**self.flow_config(teacher_scheduler_config, num_steps))
 
-    def _flow_config(self, teacher_scheduler_config: dict, num_steps: int) -> dict:
+    def flow_config(self, teacher_scheduler_config: dict, num_steps: int) -> dict:
+        """The exported flow scheduler's arguments: the teacher's shift, and for a static shift with k >= 2 the
+        last step at shift(1/k) (the module doc), to which set_timesteps stretches its sigmas."""
         config = flow_euler_config(teacher_scheduler_config)
-        if not self.packed and not config.get("use_dynamic_shifting") and num_steps >= 2:
-            # the last step at shift(1/k) (the module doc): set_timesteps stretches its sigmas to end there
+        if not config.get("use_dynamic_shifting") and num_steps >= 2:
             shift = float(config.get("shift", 1.0))
             config["shift_terminal"] = shift / num_steps / (1 + (shift - 1) / num_steps)
         return config
@@ -166,31 +166,25 @@ class Target:
         """Exactly the pipeline's own `set_timesteps` call."""
         if self.kind == "vp":
             scheduler.set_timesteps(num_steps)
-            return
-        mu = None
-        if scheduler.config.get("use_dynamic_shifting"):
-            c = scheduler.config
-            mu = flow_shift_mu(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        if self.packed:  # FluxPipeline: sigmas = linspace(1, 1/k, k)
-            import numpy as np
-
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         else:
-            scheduler.set_timesteps(num_steps, mu=mu)
+            scheduler.set_timesteps(num_steps, mu=pipeline_mu(scheduler.config, image_seq_len))
 
     def times(self, scheduler, num_steps: int) -> Tensor:
         if self.kind == "vp":
             return scheduler.timesteps[:num_steps].to(torch.int64)
         return scheduler.sigmas[:num_steps].to(torch.float32)
 
+    # -- the exported call -----------------------------------------------------------------------------------
+    def embedded_guidance(self, network_config: dict) -> float | None:
+        """The guidance a guidance-distilled network embeds (it is called with it in training and in the exported
+        call), None for a network without a guidance input."""
+        return None
+
     def guidance_scale(self, network_config: dict) -> float:
-        """The pipeline's `guidance_scale` in the exported call: classifier-free guidance off, except that a
-        guidance-embedding Flux (dev) takes the embedded guidance it was distilled with there."""
-        if self.packed and network_config.get("guidance_embeds"):
-            return FLUX_EMBEDDED_GUIDANCE
-        return 0.0 if self.pipeline in ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                                        "StableDiffusion3Pipeline", "FluxPipeline") else 1.0
+        """The pipeline's `guidance_scale` in the exported call: classifier-free guidance off, or the embedded
+        guidance of a guidance-distilled network."""
+        embedded = self.embedded_guidance(network_config)
+        return self.guidance_off if embedded is None else embedded
 
     @property
     def output(self) -> str:
@@ -204,94 +198,60 @@ class Target:
 
     def call(self, num_steps: int, resolution: int, guidance: float, num_frames: int = 1,
              global_seed: bool = False) -> str:
-        """The exported pipeline's exact call (the model card's) for one prompt (DiT: two class labels);
-        `global_seed`: seeded with `generator=torch.manual_seed(0)` (a `seeding` that is not generator-alone)."""
+        """The exported pipeline's exact call (the model card's); `global_seed`: seeded with
+        `generator=torch.manual_seed(0)` (a `seeding` that is not generator-alone)."""
         seed = f", generator={GLOBAL_SEED.format(seed=0)}" if global_seed else ""
-        if self.class_conditional:  # DiTPipeline: no prompt, no size (its transformer's sample_size)
-            return f"pipe(class_labels=[0, 1], num_inference_steps={num_steps}, guidance_scale={guidance}{seed})"
-        extra = f", num_frames={num_frames}" if self.video else ""
-        if self.pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
-            extra += ", use_resolution_binning=False"  # binning would sample at the nearest bin, not the trained size
-        return (f'pipe("a photo of a cat", num_inference_steps={num_steps}, guidance_scale={guidance}, '
-                f"height={resolution}, width={resolution}{extra}{seed})")
+        return f"pipe({self.call_arguments(num_steps, resolution, guidance, num_frames)}{seed})"
+
+    def call_arguments(self, num_steps: int, resolution: int, guidance: float, num_frames: int) -> str:
+        """The arguments of :meth:`call` but its generator, for one prompt at the trained size."""
+        return (f'"a photo of a cat", num_inference_steps={num_steps}, guidance_scale={guidance}, '
+                f"height={resolution}, width={resolution}")
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def load_text_pipeline(self, folder: Path):
         """The teacher's pipeline without its network (text encoders, tokenizers, VAE)."""
-        import diffusers
-
-        cls = getattr(diffusers, self.pipeline)
-        # SD3's encode_prompt reads the transformer's joint_attention_dim (the width of the T5 part); the others
-        # load without their network.
-        drop = {} if self.pipeline == "StableDiffusion3Pipeline" else {self.subfolder: None}
-        return cls.from_pretrained(folder, **_absent(folder), **drop, torch_dtype=torch.float32)
+        return self.diffusers_pipeline().from_pretrained(folder, **absent_as_none(folder), **{self.subfolder: None},
+                                                     torch_dtype=torch.float32)
 
     def encode(self, pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
-        """Prompt embeddings as the pipeline's call computes them (CFG off), in the network's condition keys."""
-        if self.class_conditional:
-            return {"class_labels": class_indices(prompts)}
-        with torch.no_grad():
-            if self.pipeline == "StableDiffusionPipeline":
-                embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-                return {"encoder_hidden_states": embeds}
-            if self.pipeline == "StableDiffusionXLPipeline":
-                embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False)
-                # StableDiffusionXLPipeline._get_add_time_ids: original size, crop top-left, target size
-                ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=embeds.dtype,
-                                   device=embeds.device)
-                return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": ids.expand(len(prompts), -1)}
-            if self.pipeline == "StableDiffusion3Pipeline":
-                embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
-                                                          do_classifier_free_guidance=False)
-                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-            if self.pipeline == "FluxPipeline":
-                embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device)
-                return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-            if self.pipeline == "WanPipeline":  # the call encodes max_sequence_length=512 tokens (226 by default)
-                embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                               max_sequence_length=512)
-                return {"encoder_hidden_states": embeds}
-            if self.pipeline in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):  # the call cleans captions
-                embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                                        clean_caption=True)
-                return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        """Prompt embeddings as the pipeline's call computes them (CFG off), in the network's condition keys; each
+        family's target says how its pipeline encodes."""
         raise ExportRefused(f"no prompt encoder for {self.pipeline}")
 
+    def check_prompts(self, prompts: list[str], network_config: dict) -> None:
+        """Refuse `data.prompts` lines the teacher cannot be conditioned on (class indices it does not have);
+        text prompts are all fine."""
+
     def micro_conditions(self, network_config: dict, resolution: int, n: int) -> Condition:
-        """Conditions the pipeline adds beside the prompt, for `n` samples at `resolution`: Flux dev's embedded
-        guidance; PixArt-alpha 1024's size and aspect ratio (its pipeline passes them when the transformer's
-        sample_size is 128)."""
-        if self.packed and network_config.get("guidance_embeds"):
-            return {"guidance": torch.full((n,), FLUX_EMBEDDED_GUIDANCE)}
-        if self.pipeline == "PixArtAlphaPipeline" and network_config.get("sample_size") == 128:
-            return {"resolution": torch.tensor([[float(resolution)] * 2]).expand(n, 2).clone(),
-                    "aspect_ratio": torch.ones(n, 1)}
+        """Conditions the pipeline adds beside the prompt, for `n` samples at `resolution` (none here)."""
         return {}
 
     def absent_components(self, folder: Path) -> list[str]:
         """Components the pipeline requires that `folder` was saved without (SD3 without T5: `text_encoder_3`,
         `tokenizer_3`): its `from_pretrained` call passes them as None (`text_encoder_3=None, ...`)."""
-        import diffusers
-
-        optional = getattr(getattr(diffusers, self.pipeline), "_optional_components", None) or []
-        return [k for k in _absent(folder) if k not in optional]
+        optional = getattr(self.diffusers_pipeline(), "_optional_components", None) or []
+        return [k for k in absent_as_none(folder) if k not in optional]
 
     # -- writing -------------------------------------------------------------------------------------------------
+    def diffusers_pipeline(self) -> type:
+        """The diffusers class of :attr:`pipeline`."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
     def write(self, model, teacher_folder: Path, tmp: Path, num_steps: int, teacher_scheduler_config: dict,
               scheduler=None) -> None:
         """Save the teacher's pipeline with the student's network and the target's scheduler (or `scheduler`)
         into `tmp`."""
-        import diffusers
-
-        cls = getattr(diffusers, self.pipeline)
         scheduler = scheduler or self.scheduler(teacher_scheduler_config, num_steps)
-        pipe = cls.from_pretrained(teacher_folder, **_absent(teacher_folder), **{self.subfolder: model, "scheduler": scheduler},
-                                   torch_dtype=torch.float32)
+        pipe = self.diffusers_pipeline().from_pretrained(teacher_folder, **absent_as_none(teacher_folder),
+                                                     **{self.subfolder: model, "scheduler": scheduler},
+                                                     torch_dtype=torch.float32)
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Pipeline arguments that are not components and that the pipeline does not save itself (DiTPipeline's
         # id2label, the class names behind `pipe.get_label_ids`) are carried over from the teacher's index.
-        teacher_index, index = _json(teacher_folder / "model_index.json"), _json(tmp / "model_index.json")
+        teacher_index, index = read_json(teacher_folder / "model_index.json"), read_json(tmp / "model_index.json")
         kept = {k: v for k, v in teacher_index.items()
                 if not k.startswith("_") and not isinstance(v, list) and k not in index}
         if kept:
@@ -307,6 +267,16 @@ def flow_euler_config(teacher_scheduler_config: dict) -> dict:
     keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
             "base_image_seq_len", "max_image_seq_len", "time_shift_type")
     return {k: config[k] for k in keep if k in config}
+
+
+def pipeline_mu(scheduler_config, image_seq_len: int) -> float | None:
+    """The `mu` a flow pipeline passes to `set_timesteps`: its `calculate_shift` of the token count for a
+    dynamic-shift scheduler, None for a static shift."""
+    c = scheduler_config
+    if not c.get("use_dynamic_shifting"):
+        return None
+    return flow_shift_mu(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
 
 #: `generator=` of a call whose scheduler re-noises from torch's global generator: `torch.manual_seed` seeds it (on
@@ -336,37 +306,6 @@ def seeding(pipeline: str, passes_generator: bool, renoises: bool) -> dict[str, 
                    "fixes the initial noise only)"}
 
 
-def class_indices(lines: list[str], num_classes: int | None = None) -> Tensor:
-    """DiT's "prompts": one class index per line, each in 0..num_classes - 1 (the next row is the null class)."""
-    from distill.base.errors import ConfigError
-
-    bad = [p for p in lines if not p.strip().isdigit()]
-    if bad:
-        raise ConfigError(f"data.prompts: a class-conditional (DiT) teacher takes one class index per line, got "
-                          f"{bad[:3]}")
-    labels = torch.tensor([int(p) for p in lines], dtype=torch.int64)
-    if num_classes is not None and int(labels.max()) >= num_classes:
-        raise ConfigError(f"data.prompts: class {int(labels.max())} does not exist; the teacher has classes "
-                          f"0..{num_classes - 1} (num_embeds_ada_norm)")
-    return labels
-
-
-TARGETS: dict[str, Target] = {
-    "UNet2DConditionModel": Target("UNet2DConditionModel", "StableDiffusionPipeline", "unet", "vp",
-                                   passes_generator=True),
-    "UNet2DConditionModel+text_time": Target("UNet2DConditionModel", "StableDiffusionXLPipeline", "unet", "vp",
-                                             passes_generator=True),
-    "SD3Transformer2DModel": Target("SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer", "flow"),
-    "FluxTransformer2DModel": Target("FluxTransformer2DModel", "FluxPipeline", "transformer", "flow", packed=True),
-    "WanTransformer3DModel": Target("WanTransformer3DModel", "WanPipeline", "transformer", "flow", video=True),
-    "PixArtTransformer2DModel": Target("PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer", "vp",
-                                       passes_generator=True),
-    "PixArtTransformer2DModel+alpha": Target("PixArtTransformer2DModel", "PixArtAlphaPipeline", "transformer", "vp",
-                                             passes_generator=True),
-    "DiTTransformer2DModel": Target("DiTTransformer2DModel", "DiTPipeline", "transformer", "vp",
-                                    class_conditional=True),
-}
-
 #: hub checkpoints saved before diffusers split `Transformer2DModel` (DiT-XL-2, PixArt-alpha) name it in their
 #: config; diffusers loads it as the class of its `norm_type` (the same rule as its own remapping on load).
 LEGACY_TRANSFORMER = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
@@ -380,49 +319,32 @@ def network_class(network_config: dict) -> str | None:
     return name
 
 
-def _is_flow(scheduler_config: dict) -> bool:
+def is_flow_scheduler(scheduler_config: dict) -> bool:
+    """A flow-matching scheduler config (FlowMatch*, or UniPC with flow sigmas as Wan's)."""
     return scheduler_config.get("_class_name", "").startswith("FlowMatch") or bool(scheduler_config.get("use_flow_sigmas"))
+
+
+def consistency_sampled(scheduler_config: dict, prediction: str | None) -> bool:
+    """A pixel teacher whose student leaves as `ConsistencyModelPipeline` (distill.export.pipeline): an EDM / CM
+    network under CMStochasticIterativeScheduler."""
+    return (scheduler_config.get("_class_name") == "CMStochasticIterativeScheduler"
+            and prediction in (None, "edm", "cm"))
 
 
 def target_for(network_config: dict, scheduler_config: dict, prediction: str | None = None,
                pipeline: str | None = None) -> Target | None:
     """The latent-family target of a teacher (from its configs and its folder's pipeline class `pipeline`, the
-    `_class_name` of its model_index.json), None for the pixel UNet2DModel (its target is in distill.export.pipeline), or
-    ExportRefused with the reason."""
+    `_class_name` of its model_index.json), as its family picks it; None for a pixel family's consistency-model
+    student (its target is in distill.export.pipeline); or ExportRefused with the reason."""
     name = network_class(network_config)
-    sched = scheduler_config.get("_class_name", "")
-    if name == "UNet2DModel":
-        if sched == "CMStochasticIterativeScheduler" and prediction in (None, "edm", "cm"):
-            return None
-        conditional = network_config.get("num_class_embeds") is not None
-        process = "flow matching" if _is_flow(scheduler_config) else f"{sched} ({prediction or 'its'} prediction)"
-        raise ExportRefused(
-            f"a {'class-conditional ' if conditional else ''}UNet2DModel teacher with a {process} scheduler cannot be "
-            "exported to a stock diffusers pipeline: "
-            + ("the only stock pipeline that feeds class labels to a UNet2DModel is ConsistencyModelPipeline, which "
-               "needs an EDM-preconditioned network under CMStochasticIterativeScheduler (time input 250 log sigma, "
-               "input scaled by c_in); DiTPipeline takes a DiTTransformer2DModel. Distill an EDM teacher "
-               "(teacher.prediction: edm with a CMStochasticIterativeScheduler config, like builtin:digits_teacher), "
-               "or a DiT/PixArt/SD3/Flux teacher"
-               if conditional else
-               "no export target for unconditional UNet2DModel students is implemented yet"))
-    if name == "ToyMLP":  # the 2-D toy (distill/data/toy.py): trains with the CM sampler; points have no pipeline
-        if sched == "CMStochasticIterativeScheduler" and prediction in (None, "edm", "cm"):
-            return None
-        raise ExportRefused(f"a ToyMLP teacher samples with CMStochasticIterativeScheduler's rule (EDM prediction), "
-                            f"got a {sched} scheduler with prediction {prediction!r}")
-    if name == "UNet2DConditionModel" and network_config.get("addition_embed_type") == "text_time":
-        target = TARGETS["UNet2DConditionModel+text_time"]
-    elif name == "PixArtTransformer2DModel" and pipeline == "PixArtAlphaPipeline":
-        target = TARGETS["PixArtTransformer2DModel+alpha"]  # alpha's encoder: 120 tokens; sigma's: 300
-    else:
-        target = TARGETS.get(name)
+    if name not in supported_networks():
+        raise ExportRefused(f"no export target for a {name!r} teacher; supported networks: {supported_networks()}")
+    target = family_for(name).export_target(network_config, scheduler_config, prediction, pipeline)
     if target is None:
-        raise ExportRefused(f"no export target for a {name!r} teacher; supported networks: "
-                            f"{sorted({'UNet2DModel', *(t.network for t in TARGETS.values())})}")
-    flow = _is_flow(scheduler_config)
-    if (target.kind == "flow") != flow:
-        raise ExportRefused(f"a {name} teacher with a {sched} scheduler: {target.pipeline} is exported with a "
+        return None
+    if (target.kind == "flow") != is_flow_scheduler(scheduler_config):
+        raise ExportRefused(f"a {name} teacher with a {scheduler_config.get('_class_name', '')} scheduler: "
+                            f"{target.pipeline} is exported with a "
                             f"{'flow-matching' if target.kind == 'flow' else 'VP (beta schedule)'} scheduler, and "
                             "the student must train with the sampler it is exported with")
     if target.kind == "vp" and prediction in ("flow", "trigflow", "edm", "cm"):
@@ -433,19 +355,14 @@ def target_for(network_config: dict, scheduler_config: dict, prediction: str | N
 
 def pipeline_class(folder: Path) -> str | None:
     """The pipeline class a diffusers folder was saved as (its model_index.json), None without one."""
-    return _json(folder / "model_index.json").get("_class_name")
+    return read_json(folder / "model_index.json").get("_class_name")
 
 
 def teacher_target(folder: Path, prediction: str | None = None) -> tuple[Target | None, dict, dict]:
     """(target, network config, scheduler config) of a teacher folder."""
     sub = next(s for s in ("unet", "transformer") if (folder / s / "config.json").is_file())
-    net, sched = _json(folder / sub / "config.json"), _json(folder / "scheduler" / "scheduler_config.json")
+    net, sched = read_json(folder / sub / "config.json"), read_json(folder / "scheduler" / "scheduler_config.json")
     return target_for(net, sched, prediction, pipeline_class(folder)), net, sched
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt embeddings, computed once by the pipeline's own text encoders and cached on disk
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def dynamic_mu(folder: Path, network_config: dict, scheduler_config: dict, resolution: int | None) -> float:
@@ -454,11 +371,4 @@ def dynamic_mu(folder: Path, network_config: dict, scheduler_config: dict, resol
     if resolution is None:
         raise ValueError(f"{scheduler_config.get('_class_name')} with use_dynamic_shifting=True: the shift depends on "
                          "the resolution; load the teacher with data.resolution")
-    c = scheduler_config
-    return flow_shift_mu(target.image_seq_len(folder, network_config, resolution), c.get("base_image_seq_len", 256),
-                         c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-
-
-__all__ = ["ExportRefused", "NoisingSchedule", "PromptDataset", "TARGETS", "Target", "check_exportable",
-           "dynamic_mu", "network_class", "pipeline_class", "seeding", "student_times", "target_for",
-           "teacher_target"]
+    return pipeline_mu(scheduler_config, target.image_seq_len(folder, network_config, resolution))

@@ -19,6 +19,7 @@ class TextConditioned:
     """Mixin for adapters whose condition holds prompt embeddings under `text_keys`."""
 
     subfolder = "transformer"
+    latent = True
     text_keys: tuple[str, ...] = ("encoder_hidden_states",)
 
     def __init__(self) -> None:

@@ -4,6 +4,9 @@
 as safetensors plus a config), conditioned like `UNet2DModel` through `num_class_embeds` (the last row is the
 null class for classifier-free guidance). The toy teacher is `distill/assets/toy_teacher`
 (scripts/train_toy_teacher.py); the data and its exact density are in :mod:`distill.data.toy`.
+
+Points have no pipeline: the toy has no latent target. It trains with ConsistencyModelPipeline's sampler
+(CMStochasticIterativeScheduler, EDM prediction) like the pixel UNet2DModel.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from distill.base.batch import Condition
+from distill.base.errors import ExportRefused
+from distill.families.target import consistency_sampled
 
 
 class ToyMLP(ModelMixin, ConfigMixin):
@@ -52,8 +57,16 @@ class ToyMLP(ModelMixin, ConfigMixin):
 
 class ToyFamily:
     subfolder = "unet"
+    latent = False
     #: LoRA targets (a regex peft full-matches): the input layer and the Linear of every block and of the output
     lora_targets = r"(input|blocks\.\d+\.1|output\.1)"
+
+    def export_target(self, network_config: dict, scheduler_config: dict, prediction: str | None,
+                      pipeline: str | None) -> None:
+        if consistency_sampled(scheduler_config, prediction):
+            return None
+        raise ExportRefused(f"a ToyMLP teacher samples with CMStochasticIterativeScheduler's rule (EDM prediction), "
+                            f"got a {scheduler_config.get('_class_name', '')} scheduler with prediction {prediction!r}")
 
     def call(self, model: nn.Module, x: Tensor, timestep: Tensor, cond: Condition) -> Tensor:
         return model(x, timestep, cond.get("class_labels"))

@@ -19,7 +19,7 @@ LoRA parameters, never the base, so the trainer's pieces need no special case:
   LoRA format (:meth:`AdapterDenoiser.lora_weights`), for `pipe.load_lora_weights` on the teacher's pipeline.
 
 peft's own adapter switching (``set_adapter``, ``enable_adapters``) also flips ``requires_grad`` of the adapter
-weights; the trainer and recipes own those flags (``distill.training.recipe.frozen``), so they are restored after every
+weights; the trainer and recipes own those flags (``distill.training.nets.frozen``), so they are restored after every
 switch.
 """
 
@@ -34,9 +34,6 @@ from torch import Tensor, nn
 from distill.base.batch import Condition
 from distill.models.denoiser import Denoiser
 
-#: LoRA targets in a diffusers UNet2DModel: the resnets' convolutions and time projections, and attention.
-UNET2D_LORA_TARGETS = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
-
 
 def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -48,7 +45,8 @@ def add_lora_adapters(base: Denoiser, names: Sequence[str], rank: int, alpha: fl
                       targets: Sequence[str] | str | None = None) -> None:
     """Inject one LoRA adapter per name into `base`'s network (in place) and freeze the network itself.
     Adapters start as zero updates (peft: B = 0), so every role starts as the teacher. `targets` (peft module
-    name suffixes, or one regex that peft full-matches) default to the family's `lora_targets`, else those of a diffusers UNet2DModel."""
+    name suffixes, or one regex that peft full-matches) default to the family's `lora_targets` (each family names
+    the modules of its own network class)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not names:
@@ -57,7 +55,7 @@ def add_lora_adapters(base: Denoiser, names: Sequence[str], rank: int, alpha: fl
     if clash := sorted(set(names) & existing):
         raise ValueError(f"adapters {clash} already exist on this network")
     if targets is None:
-        targets = getattr(base.family, "lora_targets", UNET2D_LORA_TARGETS)
+        targets = base.family.lora_targets
     base.model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                         target_modules=targets if isinstance(targets, str) else list(targets),
@@ -151,25 +149,19 @@ class AdapterDenoiser(nn.Module):
     # -- export ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def lora_weights(self) -> tuple[dict[str, Tensor], dict]:
-        """(factors, LoRA config) of this adapter in peft's layout without the adapter's name:
-        `<module path>.lora_A.weight` / `.lora_B.weight` (what diffusers' `save_lora_weights` prefixes with `unet.` or
+        """(factors, LoRA config) of this adapter: peft's own state dict of it, `<module path>.lora_A.weight` /
+        `.lora_B.weight` without the adapter's name (what diffusers' `save_lora_weights` prefixes with `unet.` or
         `transformer.` and `load_lora_weights` reads back), and {"r", "lora_alpha", "target_modules"} with the exact
-        module paths, so the loader rebuilds the same layers at the same scale alpha / r."""
+        module paths, so the loader rebuilds the same layers at the same scale alpha / r (one rank and alpha for
+        every layer: add_lora_adapters)."""
+        from peft import get_peft_model_state_dict
+
         if self.adapter is None:
             raise ValueError("the base network (adapter None) has no LoRA weights")
-        state, ranks, alphas, paths = {}, set(), set(), []
-        for path, layer in _tuner_layers(self.model):
-            if self.adapter not in layer.lora_A:
-                continue
-            paths.append(path)
-            ranks.add(layer.r[self.adapter])
-            alphas.add(layer.lora_alpha[self.adapter])
-            state[f"{path}.lora_A.weight"] = layer.lora_A[self.adapter].weight.detach().cpu().clone()
-            state[f"{path}.lora_B.weight"] = layer.lora_B[self.adapter].weight.detach().cpu().clone()
-        if len(ranks) != 1 or len(alphas) != 1:
-            raise ValueError(f"adapter {self.adapter!r} has ranks {sorted(ranks)} and alphas {sorted(alphas)}; one "
-                             "of each is expected (add_lora_adapters)")
-        return state, {"r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": paths}
+        state = {k: v.cpu() for k, v in get_peft_model_state_dict(self.model, adapter_name=self.adapter).items()}
+        config = self.model.peft_config[self.adapter]
+        paths = [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
+        return state, {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": paths}
 
     @torch.no_grad()
     def merged(self) -> Denoiser:

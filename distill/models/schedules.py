@@ -104,10 +104,10 @@ def cm_scheduler(process: EDMProcess):
     )
 
 def latent_target(student: Denoiser):
-    """The distill.families.target target of a student loaded from a pipeline folder, or None (the pixel UNet2DModel)."""
-
+    """The export target (distill.families.target) of a latent family's student loaded from a pipeline folder; None
+    for a pixel family's (UNet2DModel, ToyMLP: no latent target)."""
     src = student.source
-    if src is None or src["network_config"].get("_class_name") in ("UNet2DModel", "ToyMLP"):
+    if src is None or not student.family.latent:
         return None
     return target_for(src["network_config"], src["scheduler_config"], student.prediction,
                       pipeline_class(Path(src["folder"])))
