@@ -51,7 +51,6 @@ def child(spec: dict) -> None:
     torch.set_num_threads(1)
     from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
-    from distill.training.recipe import unwrap
 
     baseline = _rss_mib()  # after imports, before any model
     overrides = [f"teacher.path={spec['teacher']}", f"run.output_dir={spec['run']}", f"data.resolution={spec['res']}",
@@ -61,7 +60,7 @@ def child(spec: dict) -> None:
                  f"recipe.lora_rank={spec['rank']}"]
     trainer = Trainer(load_config(REPO / "recipes" / "digits/dmd2.yaml", overrides))
     r = trainer.recipe
-    trainable = sum(p.numel() for m in (r.generator, r.critic) for p in unwrap(m).parameters() if p.requires_grad)
+    trainable = sum(p.numel() for m in (r.generator, r.critic) for p in m.parameters() if p.requires_grad)
     base_params = sum(p.numel() for n, p in r.teacher.model.named_parameters() if ".lora_" not in n)
     trainer.train_step()  # warm-up: optimizer states exist from here on
     t0 = time.perf_counter()

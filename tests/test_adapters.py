@@ -9,8 +9,8 @@ from tiny import tiny_config
 
 from distill.models.adapters import AdapterDenoiser, activate_adapter, add_lora_adapters
 from distill.models.denoiser import load_denoiser
+from distill.training.nets import frozen
 from distill.training.trainer import Trainer
-from distill.training.recipe import frozen, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,15 +101,15 @@ def test_teacher_unchanged_while_adapters_train(tiny_teacher, tmp_path):
     with torch.no_grad():
         teacher_before = recipe.teacher(x_t, t, cond, guidance_scale=2.0)
     base_before = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
-    gen_before = [p.detach().clone() for p in unwrap(recipe.generator).parameters()]
-    critic_before = [p.detach().clone() for p in unwrap(recipe.critic).parameters()]
+    gen_before = [p.detach().clone() for p in recipe.generator.parameters()]
+    critic_before = [p.detach().clone() for p in recipe.critic.parameters()]
     trainer.train()
     with torch.no_grad():
         torch.testing.assert_close(recipe.teacher(x_t, t, cond, guidance_scale=2.0), teacher_before, atol=0, rtol=0)
     for n, p in base.named_parameters():
         if ".lora_" not in n:
             assert torch.equal(p, base_before[n]), n
-    assert any(not torch.equal(a, b) for a, b in zip(unwrap(recipe.generator).parameters(), gen_before))
-    assert any(not torch.equal(a, b) for a, b in zip(unwrap(recipe.critic).parameters(), critic_before))
+    assert any(not torch.equal(a, b) for a, b in zip(recipe.generator.parameters(), gen_before))
+    assert any(not torch.equal(a, b) for a, b in zip(recipe.critic.parameters(), critic_before))
     assert len(trainer.ema.shadow_params) == len(gen_before)
     assert [p.shape for p in trainer.ema.shadow_params] == [p.shape for p in gen_before]

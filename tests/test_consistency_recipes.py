@@ -13,12 +13,12 @@ import pytest
 import torch
 from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
-from distill.training.preflight import load_config
 from distill.models.schedules import rollout
+from distill.training.checkpoints import list_checkpoints
+from distill.training.nets import update_nets
+from distill.training.preflight import load_config
 from distill.training.registry import build_recipe
 from distill.training.trainer import Trainer
-from distill.training.checkpoints import list_checkpoints
-from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,10 +30,10 @@ def _config(name, teacher, run, *extra):
 
 
 def _state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
-    out = {"generator": {k: v.detach().clone() for k, v in unwrap(trainer.recipe.generator).state_dict().items()},
+    out = {"generator": {k: v.detach().clone() for k, v in trainer.recipe.generator.state_dict().items()},
            "ema": {str(i): p.detach().clone() for i, p in enumerate(trainer.ema.shadow_params)}}
     if trainer.recipe.critic is not None:
-        out["critic"] = {k: v.detach().clone() for k, v in unwrap(trainer.recipe.critic).state_dict().items()}
+        out["critic"] = {k: v.detach().clone() for k, v in trainer.recipe.critic.state_dict().items()}
     if trainer.target_network is not None:
         out["target"] = {k: v.detach().clone() for k, v in trainer.target_network.state_dict().items()}
     return out
@@ -55,7 +55,8 @@ def test_rcm_regulariser_is_the_dmd_gradient(tiny_teacher):
     cond = {"class_labels": torch.tensor([0, 3, 7, 9])}
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
     torch.manual_seed(5)
-    loss, grad = recipe.dmd_term(x, cond)
+    with update_nets(recipe, "generator") as nets:
+        loss, grad = recipe.dmd_term(nets, x, cond)
     loss.sum().backward()
     torch.manual_seed(5)
     t = recipe.sample_dmd_time(4, x.device)
@@ -75,10 +76,10 @@ def test_generator_loss_trains_only_the_student(tiny_teacher, name, steps):
 
     cfg = _config(name, tiny_teacher, Path("/nonexistent"), f"student.num_steps={steps}", "teacher.guidance_scale=1.5")
     recipe, data = build_recipe(cfg, torch.device("cpu"))
-    if name == "lcm":
-        recipe.target_network = copy.deepcopy(recipe.generator).requires_grad_(False)
+    target = copy.deepcopy(recipe.generator).requires_grad_(False) if name == "lcm" else None
     batch = data.sample(4, torch.Generator().manual_seed(0))
-    loss, logs = recipe.generator_loss(batch, 50)
+    with update_nets(recipe, "generator", target=target) as nets:
+        loss, logs = recipe.generator_loss(nets, batch, 50)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() != 0.0
     assert all(p.grad is not None for p in recipe.generator.parameters())  # the log-variance head included
@@ -86,7 +87,8 @@ def test_generator_loss_trains_only_the_student(tiny_teacher, name, steps):
     if recipe.critic is not None:
         assert all(p.grad is None for p in recipe.critic.parameters())
         recipe.generator.zero_grad(set_to_none=True)
-        recipe.critic_loss(batch, 0)[0].backward()
+        with update_nets(recipe, "critic") as nets:
+            recipe.critic_loss(nets, batch, 0)[0].backward()
         assert all(p.grad is not None for p in recipe.critic.parameters())
         assert all(p.grad is None for p in recipe.generator.parameters())
 
@@ -200,7 +202,7 @@ def test_exports_reproduce_the_student_rollout(tiny_teacher, tmp_path):
         with torch.no_grad(), trainer.ema_weights() as gen:
             torch.manual_seed(seed)
             noise = torch.randn(len(labels), 1, 8, 8)
-            x0 = rollout(trainer.recipe.export_model(gen) if hasattr(trainer.recipe, "export_model") else gen,
+            x0 = rollout(trainer.recipe.export_model(gen),
                          trainer.recipe.schedule, {"class_labels": torch.tensor(labels)}, noise)
         reference[name] = (x0 / 2 + 0.5).clamp(0, 1)
     assert runs["lcm"]["timesteps"] == [25, 0] and "timesteps=[25, 0]" in (Path(runs["lcm"]["folder"]) / "README.md").read_text()

@@ -102,3 +102,17 @@ def test_ddp_with_one_base_in_memory(tiny_teacher, tmp_path):
     assert r0["generator"] and all("lora" in k for k in r0["generator"])
     lora_b = [v for k, v in r0["generator"].items() if "lora_B" in k]
     assert any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: non-zero means the student trained
+
+
+def test_ddp_with_gradient_accumulation(tiny_teacher, tmp_path):
+    """Micro-batches before the last accumulate locally (accelerate's `no_sync`, entered afresh for the loss and for
+    its backward), the last one all-reduces: after two updates of two micro-batches each, both ranks hold the
+    same networks and EMA."""
+    overrides = tiny_overrides(tiny_teacher, tmp_path, "run.max_steps=2", "trainer.gradient_accumulation_steps=2")
+    launch(str(REPO / "tests" / "tiny.py"), str(tmp_path / "dump"), str(DIGITS_YAML), *overrides)
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == 2 and r0["steps_run"] == r1["steps_run"] == [0, 1]
+    for net in ("generator", "critic", "ema"):
+        assert r0[net], f"rank 0 dumped no {net}"
+        differ = [k for k in r0[net] if not torch.equal(r0[net][k], r1[net][k])]
+        assert not differ, f"{net} differs between ranks: {differ[:3]}"

@@ -91,6 +91,7 @@ def test_denoising_loss_is_edm_weighted_x0_error(f64):
 
 def test_recipe_routes_gradients(tiny_teacher):
     """The generator loss trains only the student; the critic loss trains only the fake score (and GAN head)."""
+    from distill.training.nets import update_nets
     from distill.training.preflight import load_config
     from distill.training.registry import build_recipe
 
@@ -100,14 +101,16 @@ def test_recipe_routes_gradients(tiny_teacher):
                                                "teacher.guidance_scale=2.0"])
         recipe, data = build_recipe(cfg, torch.device("cpu"))
         batch = data.sample(4, torch.Generator().manual_seed(0))
-        loss, logs = recipe.generator_loss(batch, 0)
+        with update_nets(recipe, "generator") as nets:
+            loss, logs = recipe.generator_loss(nets, batch, 0)
         loss.backward()
         assert torch.isfinite(loss) and logs["dmd_loss"] >= 0
         assert all(p.grad is not None for p in recipe.generator.parameters())
         assert all(p.grad is None for p in recipe.critic.parameters())
         assert all(p.grad is None for p in recipe.teacher.parameters())
         recipe.generator.zero_grad(set_to_none=True)
-        loss, logs = recipe.critic_loss(batch, 0)
+        with update_nets(recipe, "critic") as nets:
+            loss, logs = recipe.critic_loss(nets, batch, 0)
         loss.backward()
         assert torch.isfinite(loss) and ("gan_loss" in logs) == gan
         assert all(p.grad is not None for p in recipe.critic.parameters())

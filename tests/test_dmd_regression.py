@@ -8,11 +8,11 @@ import torch
 from tiny import REPO, tiny_overrides
 
 from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
 from distill.data.pairs import generate_from_config
 from distill.recipes.dmd2 import regression_pairs
+from distill.training.nets import update_nets
+from distill.training.preflight import load_config
 from distill.training.trainer import Trainer
-from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,18 +31,19 @@ def test_dmd_regression_term_is_its_formula(tiny_teacher, tmp_path):
     recipe = trainer.recipe
     batch = trainer.dataset.sample(4, torch.Generator().manual_seed(0))
     torch.manual_seed(7)
-    loss, logs = recipe.generator_loss(batch, 0)
+    with update_nets(recipe, "generator") as nets:
+        loss, logs = recipe.generator_loss(nets, batch, 0)
     torch.manual_seed(7)
     pairs = regression_pairs(recipe.pairs, 4, torch.device("cpu"))  # the same draw the loss made
     sched = recipe.schedule
     with torch.no_grad():
-        g_of_z = unwrap(recipe.generator)(sched.start(pairs.noise), sched.t(0, 4, torch.device("cpu")), pairs.cond)
+        g_of_z = recipe.generator(sched.start(pairs.noise), sched.t(0, 4, torch.device("cpu")), pairs.cond)
     want = (g_of_z - pairs.images).pow(2).flatten(1).mean(1).mean()  # L2: mean over pixels, then batch
     assert logs["regression_loss"] == pytest.approx(want.item(), rel=1e-5)
     assert loss.item() == pytest.approx(logs["dmd_loss"] + 0.5 * logs["regression_loss"], rel=1e-5)
     # Its gradient reaches the generator.
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unwrap(recipe.generator).parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in recipe.generator.parameters())
 
 
 def test_pseudo_huber_regression_is_used_when_configured(tiny_teacher, tmp_path):
@@ -52,12 +53,13 @@ def test_pseudo_huber_regression_is_used_when_configured(tiny_teacher, tmp_path)
     recipe = trainer.recipe
     batch = trainer.dataset.sample(4, torch.Generator().manual_seed(0))
     torch.manual_seed(3)
-    _, logs = recipe.generator_loss(batch, 0)
+    with update_nets(recipe, "generator") as nets:
+        _, logs = recipe.generator_loss(nets, batch, 0)
     torch.manual_seed(3)
     pairs = regression_pairs(recipe.pairs, 4, torch.device("cpu"))
     with torch.no_grad():
-        out = unwrap(recipe.generator)(recipe.schedule.start(pairs.noise),
-                                       recipe.schedule.t(0, 4, torch.device("cpu")), pairs.cond)
+        out = recipe.generator(recipe.schedule.start(pairs.noise), recipe.schedule.t(0, 4, torch.device("cpu")),
+                               pairs.cond)
     d2 = (out - pairs.images).pow(2).flatten(1).sum(1)
     assert logs["regression_loss"] == pytest.approx(((d2 + 0.01).sqrt() - 0.1).mean().item(), rel=1e-4)
 

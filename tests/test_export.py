@@ -15,7 +15,6 @@ from tiny import NO_DISTILL, subprocess_env, tiny_config
 
 from distill.models.schedules import rollout, student_schedule
 from distill.training.trainer import Trainer
-from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +107,7 @@ def test_pipeline_reproduces_the_student(exported, name):
 
 def test_two_step_pipeline_uses_the_trained_sigmas(exported):
     trainer = exported["trainers"]["two"]
-    trained = student_schedule(unwrap(trainer.recipe.generator), 2).times
+    trained = student_schedule(trainer.recipe.generator, 2).times
     assert torch.equal(trained, trainer.recipe.schedule.times)
     torch.testing.assert_close(exported["results"]["two"]["sigmas"][:2].float(), trained, atol=0, rtol=1e-6)
     folder = exported["folders"]["two"]
@@ -139,7 +138,7 @@ def test_export_holds_ema_weights_as_safetensors_only(exported, name):
     saved = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
     with trainer.ema_weights() as gen:
         ema = {k: v.detach().cpu().clone() for k, v in gen.model.state_dict().items()}
-    raw = unwrap(trainer.recipe.generator).model.state_dict()
+    raw = trainer.recipe.generator.model.state_dict()
     assert saved.keys() == ema.keys()
     assert torch.equal(saved["class_embedding.weight"], ema["class_embedding.weight"][:10])  # null class dropped
     for k in saved:

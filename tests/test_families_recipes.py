@@ -26,10 +26,9 @@ from tiny_pipelines import BUILDERS, PROMPTS, write_prompts
 
 from distill.base.errors import ConfigError
 from distill.config import apply_overrides
-from distill.training.preflight import build_config
 from distill.models.schedules import rollout
+from distill.training.preflight import build_config
 from distill.training.trainer import Trainer
-from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,7 +158,7 @@ def exported(world, one_thread):
             folder = trainer.export(root / "exports" / key)
             cond = {k: v[:2] for k, v in trainer.dataset.cond.items()}  # PROMPTS[:2], encoded by the pipeline
             with torch.no_grad(), trainer.ema_weights() as gen:
-                student = trainer.recipe.export_model(gen) if hasattr(trainer.recipe, "export_model") else gen
+                student = trainer.recipe.export_model(gen)
                 torch.manual_seed(SEED)
                 want = rollout(student, trainer.recipe.schedule, cond, noise.clone())
             out[key] = {"trainer": trainer, "folder": folder, "want": want}
@@ -199,7 +198,7 @@ def test_phased_experts_switch_per_step_and_reset(exported, family):
     a second call samples the same student."""
     r = exported[f"phased_dmd-{family}"]
     torch.testing.assert_close(r["got"]["again"], r["got"]["latents"], atol=0, rtol=0)
-    experts = unwrap(r["trainer"].recipe.generator).experts
+    experts = r["trainer"].recipe.generator.experts
     diff = [(a - b).abs().max() for a, b in zip(experts[0].parameters(), experts[1].parameters())]
     assert max(diff) > 0
     meta = json.loads((r["folder"] / "distill.json").read_text())
@@ -382,12 +381,12 @@ def test_every_recipe_accepts_every_parametrization(world, teachers, pair_store,
         else:
             cfg = load()
     trainer = Trainer(cfg)
-    before = [p.detach().clone() for p in unwrap(trainer.recipe.generator).parameters()]
+    before = [p.detach().clone() for p in trainer.recipe.generator.parameters()]
     logs = trainer.train_step()
     losses = {k: v for k, v in logs.items() if k.endswith("loss")}
     assert losses and all(np.isfinite(v) for v in losses.values()), logs
     assert trainer.nonfinite_skipped == 0
-    after = list(unwrap(trainer.recipe.generator).parameters())
+    after = list(trainer.recipe.generator.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the generator did not train"
 
 

@@ -17,14 +17,13 @@ import pytest
 import torch
 from tiny import DIGITS_YAML, tiny_config, tiny_overrides, weights
 
+from distill.base.errors import ConfigError, NonFiniteError
 from distill.cli import main
-from distill.base.errors import ConfigError
 from distill.config import config_to_yaml
-from distill.training.preflight import load_config
-from distill.training.files import check_checkpoint, check_run_dir, check_safetensors, check_teacher_folder
-from distill.base.errors import NonFiniteError
-from distill.training.trainer import Trainer
 from distill.training.checkpoints import list_checkpoints
+from distill.training.files import check_checkpoint, check_run_dir, check_safetensors, check_teacher_folder
+from distill.training.preflight import load_config
+from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,7 +278,7 @@ def test_max_consecutive_nonfinite_zero_stops_at_the_first(monkeypatch, tiny_tea
                                   "run.max_steps=4"))
     original = trainer.recipe.generator_loss
     monkeypatch.setattr(trainer.recipe, "generator_loss",
-                        lambda batch, step: (original(batch, step)[0] * (math.nan if step == 1 else 1.0), {}))
+                        lambda nets, batch, step: (original(nets, batch, step)[0] * (math.nan if step == 1 else 1.0), {}))
     with pytest.raises(NonFiniteError, match="max_consecutive_nonfinite=0"):
         trainer.train()
     trainer.accelerator.end_training()

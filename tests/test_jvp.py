@@ -8,9 +8,9 @@ import torch
 from tiny import tiny_unet
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from distill.kernels.diffusers_attention import ContiguousGroupNorm
 from distill.models.denoiser import Denoiser
 from distill.models.jvp import jvp
-from distill.kernels.diffusers_attention import ContiguousGroupNorm
 from distill.parametrization import EDMProcess
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,14 @@ from tiny import NO_DISTILL, subprocess_env, tiny_overrides
 
 from distill.models.schedules import student_schedule
 from distill.parametrization import EDMProcess, VPProcess
-from distill.recipes.phased_dmd import PhasedExperts, phase_at, phase_boundaries, subinterval_x0_target, transition, unit_time
+from distill.recipes.phased_dmd import (
+    PhasedExperts,
+    phase_at,
+    phase_boundaries,
+    subinterval_x0_target,
+    transition,
+    unit_time,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +137,7 @@ def test_experts_route_by_noise_level(tiny_teacher):
 
 
 def test_recipe_trains_only_the_current_phase(tiny_teacher, tmp_path):
+    from distill.training.nets import update_nets
     from distill.training.registry import build_recipe
 
     cfg = phased_config(tiny_teacher, tmp_path, "student.num_steps=2", "run.max_steps=4")
@@ -137,14 +145,16 @@ def test_recipe_trains_only_the_current_phase(tiny_teacher, tmp_path):
     batch = data.sample(4, torch.Generator().manual_seed(0))
     experts = recipe.generator.experts
     for step, phase in ((0, 0), (3, 1)):
-        loss, logs = recipe.generator_loss(batch, step)
+        with update_nets(recipe, "generator") as nets:
+            loss, logs = recipe.generator_loss(nets, batch, step)
         loss.backward()
         assert logs["phase"] == phase and torch.isfinite(loss)
         assert all(p.grad is not None for p in experts[phase].parameters())
         assert all(p.grad is None for p in experts[1 - phase].parameters())
         assert all(p.grad is None for p in recipe.critic.parameters())
         recipe.generator.zero_grad(set_to_none=True)
-        loss, logs = recipe.critic_loss(batch, step)
+        with update_nets(recipe, "critic") as nets:
+            loss, logs = recipe.critic_loss(nets, batch, step)
         loss.backward()
         assert torch.isfinite(loss) and all(p.grad is not None for p in recipe.critic.parameters())
         assert all(p.grad is None for p in recipe.generator.parameters())

@@ -14,15 +14,26 @@ import torch
 from tiny import NO_DISTILL, REPO, subprocess_env, tiny_overrides
 
 from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
+from distill.data.pairs import generate_from_config
 from distill.models.denoiser import load_denoiser
 from distill.models.schedules import rollout
-from distill.data.pairs import generate_from_config
 from distill.parametrization import EDMProcess
 from distill.recipes.instaflow import two_step_euler
-from distill.recipes.reflow import anneal_beta, annealed_noise, euler_path, flow_range, flow_velocity, interpolate, parameter_count, reflow_loss, straightness, to_native
+from distill.recipes.reflow import (
+    anneal_beta,
+    annealed_noise,
+    euler_path,
+    flow_range,
+    flow_velocity,
+    interpolate,
+    parameter_count,
+    reflow_loss,
+    straightness,
+    to_native,
+)
+from distill.training.nets import update_nets
+from distill.training.preflight import load_config
 from distill.training.trainer import Trainer
-from distill.training.recipe import unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,7 +222,7 @@ def chain(tiny_teacher, tmp_path_factory):
     generate_from_config(run_cfg("reflow", tiny_teacher, root / "reflow", teacher_pairs))
     reflow = Trainer(run_cfg("reflow", tiny_teacher, root / "reflow", teacher_pairs, "export.at_end=true",
                              "trainer.ema_decay=0.5"))
-    at_start = {k: v.clone() for k, v in unwrap(reflow.recipe.generator).model.state_dict().items()}
+    at_start = {k: v.clone() for k, v in reflow.recipe.generator.model.state_dict().items()}
     flow_dir = reflow.train()
     flow_pairs = f"recipe.pairs.path={root / 'pairs_flow'}"
     generate_from_config(run_cfg("instaflow", flow_dir, root / "insta", flow_pairs))
@@ -252,10 +263,10 @@ def test_instaflow_export_is_the_students_one_step(chain, tmp_path):
 def test_instaflow_loss_is_the_regression_of_the_single_step(chain):
     recipe = chain["insta"].recipe
     batch = recipe.dataset.sample(4, torch.Generator().manual_seed(0))
-    loss, logs = recipe.generator_loss(batch, 0)
+    with update_nets(recipe, "generator") as nets:
+        loss, logs = recipe.generator_loss(nets, batch, 0)
     with torch.no_grad():
-        gen = unwrap(recipe.generator)
-        out = gen(recipe.schedule.start(batch.noise), recipe.schedule.t(0, 4, torch.device("cpu")), batch.cond)
+        out = recipe.generator(recipe.schedule.start(batch.noise), recipe.schedule.t(0, 4, torch.device("cpu")), batch.cond)
     want = (out - batch.images).pow(2).flatten(1).mean(1).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     # Stored pairs of the flow: the student starts as the flow's one Euler step, not its 2-step ODE result.
@@ -280,7 +291,7 @@ def test_slimflow_student_is_smaller_and_exports(chain, tmp_path):
     small = Trainer(run_cfg("slimflow_reflow", teacher, tmp_path / "slim", teacher_pairs, "export.at_end=true",
                             "recipe.block_out_channels=[4, 8]", "recipe.anneal_steps=4"))
     small_dir = small.train()
-    n_small = parameter_count(unwrap(small.recipe.generator).model)
+    n_small = parameter_count(small.recipe.generator.model)
     n_teacher = parameter_count(load_denoiser(teacher).model)
     assert n_small < n_teacher / 2
     assert json.loads((small_dir / "distill.json").read_text())["parameters"] == n_small
@@ -288,7 +299,8 @@ def test_slimflow_student_is_smaller_and_exports(chain, tmp_path):
     generate_from_config(run_cfg("slimflow_distill", small_dir, tmp_path / "slim_d", pairs))
     student = Trainer(run_cfg("slimflow_distill", small_dir, tmp_path / "slim_d", pairs, "export.at_end=true"))
     batch = student.recipe.dataset.sample(4, torch.Generator().manual_seed(0))
-    loss, logs = student.recipe.generator_loss(batch, 0)
+    with update_nets(student.recipe, "generator") as nets:
+        loss, logs = student.recipe.generator_loss(nets, batch, 0)
     assert logs["flow_guidance_loss"] > 0
     w = student.cfg.recipe.flow_guidance_weight
     assert loss.item() == pytest.approx(logs["regression_loss"] + w * logs["flow_guidance_loss"], rel=1e-5)

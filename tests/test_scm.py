@@ -4,12 +4,20 @@ consistency-model-parametrized student toward the exact consistency function (di
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
 
-from distill.parametrization import EDMProcess, FlowProcess, TrigFlowProcess, VPProcess, cm_scalings, native_time_from_edm_sigma, trigflow_from_x0, trigflow_to_native
+from distill.parametrization import (
+    EDMProcess,
+    FlowProcess,
+    TrigFlowProcess,
+    VPProcess,
+    cm_scalings,
+    native_time_from_edm_sigma,
+    trigflow_from_x0,
+    trigflow_to_native,
+)
 from distill.recipes.scm import data_velocity, normalize_tangent, scm_loss, scm_tangent, teacher_velocity, trigflow_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,13 +7,14 @@ import pytest
 import torch
 from tiny import tiny_overrides
 
+from distill.base.batch import Batch
 from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
-from distill.training.registry import build_recipe
 from distill.recipes.decoupled_dmd import decoupled_gradients
 from distill.recipes.dmd2 import dmd_gradient
 from distill.recipes.fdistill import F_OF_R, H_OF_R, density_ratio, f_weights
-from distill.base.batch import Batch
+from distill.training.nets import update_nets
+from distill.training.preflight import load_config
+from distill.training.registry import build_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +83,8 @@ def _recipe(tiny_teacher, yaml: str, *extra: str, seed: int = 0):
 def _generator_step(recipe, batch: Batch, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The generator loss and its gradient on the student, from fixed random numbers."""
     torch.manual_seed(seed)
-    loss, _ = recipe.generator_loss(batch, 0)
+    with update_nets(recipe, "generator") as nets:
+        loss, _ = recipe.generator_loss(nets, batch, 0)
     loss.backward()
     grads = [p.grad.clone() for p in recipe.generator.parameters()]
     recipe.generator.zero_grad(set_to_none=True)
@@ -94,7 +96,8 @@ def _train_critic(recipe, batch: Batch, steps: int = 3) -> None:
     opt = torch.optim.SGD(recipe.critic.parameters(), lr=0.5)
     for i in range(steps):
         torch.manual_seed(100 + i)
-        loss, _ = recipe.critic_loss(batch, 0)
+        with update_nets(recipe, "critic") as nets:
+            loss, _ = recipe.critic_loss(nets, batch, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -184,7 +187,8 @@ def test_vsd_gradient_is_zero_with_the_lora_off(tiny_teacher, adapters):
     loss, off = _generator_step(rec, batch, seed=4)
     assert loss.item() == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in off)
     fake.adapter = "fake_score"
-    loss, logs = rec.critic_loss(batch, 0)
+    with update_nets(rec, "critic") as nets:
+        loss, logs = rec.critic_loss(nets, batch, 0)
     loss.backward()
     assert all(p.grad is not None for p in rec.critic.parameters())
     assert all(p.grad is None for p in rec.generator.parameters())

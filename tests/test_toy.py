@@ -54,8 +54,8 @@ def test_noised_density_matches_noised_samples():
 
 def test_shipped_toy_teacher_is_close_to_the_exact_denoiser():
     from distill.base.paths import resolve_path
-    from distill.models.denoiser import load_denoiser
     from distill.families.toy import ToyFamily
+    from distill.models.denoiser import load_denoiser
 
     teacher = load_denoiser(resolve_path("builtin:toy_teacher"), prediction="edm")
     assert isinstance(teacher.family, ToyFamily)
@@ -74,8 +74,8 @@ def test_shipped_toy_teacher_is_close_to_the_exact_denoiser():
 
 
 def test_toy_dataset_through_the_config():
-    from distill.training.preflight import load_config
     from distill.data import make_dataset
+    from distill.training.preflight import load_config
 
     cfg = load_config("toy/dmd2.yaml")
     data = make_dataset(cfg.data.name, cfg.data.resolution)

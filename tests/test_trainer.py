@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 from tiny import tiny_config, weights
 
-from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
-from distill.base.errors import NonFiniteError
-from distill.training.trainer import Trainer
+from distill.base.errors import ConfigError, NonFiniteError
 from distill.training.checkpoints import latest_checkpoint, list_checkpoints
+from distill.training.preflight import load_config
+from distill.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,8 +205,8 @@ def poison(monkeypatch, trainer: Trainer, loss: str, at) -> None:
     """Make the recipe's `loss` ("generator_loss" / "critic_loss") NaN whenever `at(step)` is true."""
     original = getattr(trainer.recipe, loss)
 
-    def poisoned(batch, step):
-        value, parts = original(batch, step)
+    def poisoned(nets, batch, step):
+        value, parts = original(nets, batch, step)
         return (value * math.nan, parts) if at(step) else (value, parts)
 
     monkeypatch.setattr(trainer.recipe, loss, poisoned)
@@ -330,10 +329,11 @@ def test_tensorboard_logs_losses_and_lr_schedule(straight):
     for tag in ("generator/loss", "generator/dmd_loss", "critic/denoise_loss", "generator/grad_norm"):
         assert sorted(scalars[tag]) == [1, 2, 3, 4, 5, 6], tag  # log_every=1
         assert all(math.isfinite(v) for v in scalars[tag].values()), tag
-    # warmup_steps=4 counts generator updates: after k updates the factor is min(1, (k + 1) / 4).
+    # warmup_steps=4 counts generator updates: update k (from 0) runs at min(1, k / 4) of the rate, so the rate
+    # logged after k updates, the next update's, is that of update k.
     lr = scalars["lr/generator"]
     for k in range(1, 7):
-        assert lr[k] == pytest.approx(GENERATOR_LR * min(1.0, (k + 1) / 4), rel=1e-6), k
+        assert lr[k] == pytest.approx(GENERATOR_LR * min(1.0, k / 4), rel=1e-6), k
 
 
 def test_sample_grids_are_written(straight):

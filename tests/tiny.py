@@ -91,11 +91,9 @@ def subprocess_env() -> dict[str, str]:
 
 def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
     """CPU copies of a trainer's generator, critic and EMA weights."""
-    from distill.training.recipe import unwrap
-
     out = {
-        "generator": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.recipe.generator).state_dict().items()},
-        "critic": {k: v.detach().cpu().clone() for k, v in unwrap(trainer.recipe.critic).state_dict().items()},
+        "generator": {k: v.detach().cpu().clone() for k, v in trainer.recipe.generator.state_dict().items()},
+        "critic": {k: v.detach().cpu().clone() for k, v in trainer.recipe.critic.state_dict().items()},
     }
     out["ema"] = {str(i): p.detach().cpu().clone() for i, p in enumerate(trainer.ema.shadow_params)}
     return out

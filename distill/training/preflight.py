@@ -16,6 +16,7 @@ from distill.data.images import check_image_data
 from distill.export.checks import check_exportable
 from distill.training.checkpoints import latest_checkpoint
 from distill.training.files import check_checkpoint, check_run_dir, check_teacher_folder
+from distill.training.registry import recipe_module
 
 
 def check_files(cfg: Config) -> Config:
@@ -37,7 +38,7 @@ def check_files(cfg: Config) -> Config:
 
 def build_config(data: dict) -> Config:
     """A raw mapping (a parsed YAML file plus overrides) validated and its files checked."""
-    return check_files(parse_config(data))
+    return check_files(parse_config(data, lambda name: recipe_module(name).Config))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -1,23 +1,38 @@
 """Finding and building recipes. A recipe is one distillation method per file (`distill.recipes.<name>`, the
 top-level `recipes/` folder), each with a `Config` (a `distill.config.Section`) and
-`build(cfg, teacher, dataset, device) -> recipe` (see `distill.training.recipe.Recipe`). YAML configs sit beside them.
-`distill.recipes` is a namespace package (no `__init__.py`, so the folder never shadows an installed `recipes`).
+`build(cfg, teacher, dataset) -> Recipe` (see `distill.training.recipe.Recipe`). YAML configs sit in
+`recipes/<target>/<recipe>.yaml`. `distill.recipes` is a namespace package (no `__init__.py`, so the folder never
+shadows an installed `recipes`).
 
-A recipe that trains on something other than the `data:` section's dataset (a pair store) sets `recipe.dataset`;
-the trainer then draws its batches from that."""
+The registry loads the teacher onto the device before `build` and moves the recipe's trained networks there
+after it, so a recipe never handles devices. A recipe that trains on something other than the `data:` section's
+dataset (a pair store) sets `recipe.dataset`; the trainer then draws its batches from that."""
 
 from __future__ import annotations
 
+import importlib
+import types
 from pathlib import Path
 
 import torch
 
+from distill.base.errors import ConfigError
 from distill.base.paths import RECIPES_DIR, resolve_path
-from distill.config import Config, recipe_module
+from distill.config import Config
+from distill.training.recipe import Recipe
 
 
-def build_recipe(cfg: Config, device: torch.device):
-    """Load the teacher and data named by `cfg` and build its recipe; returns (recipe, dataset)."""
+def recipe_module(name: str) -> types.ModuleType:
+    """The module `distill.recipes.<name>`; a clear error lists the recipes that exist."""
+    found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+    if name not in found:  # also keeps the config folders (recipes/digits/, ...) from passing as namespace modules
+        raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}")
+    return importlib.import_module(f"distill.recipes.{name}")
+
+
+def build_recipe(cfg: Config, device: torch.device) -> tuple[Recipe, object]:
+    """Load the teacher and data named by `cfg` and build its recipe, its trained networks on `device`; returns
+    (recipe, the dataset to train on)."""
     from distill.data import make_dataset
     from distill.models.denoiser import load_denoiser
 
@@ -28,8 +43,13 @@ def build_recipe(cfg: Config, device: torch.device):
     null = getattr(dataset, "null_condition", None)
     if null:  # text families: guidance's unconditional half is the pipeline's empty prompt
         teacher.family.set_null_embeddings(null)
-    recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset, device)
-    return recipe, getattr(recipe, "dataset", None) or dataset
+    recipe = recipe_module(cfg.recipe_name).build(cfg, teacher, dataset)
+    if recipe.critic is not None and type(recipe).critic_loss is Recipe.critic_loss:
+        raise TypeError(f"recipe {cfg.recipe_name}: {type(recipe).__name__} has a critic but no critic_loss")
+    for net in (recipe.generator, recipe.critic):
+        if net is not None:
+            net.to(device)
+    return recipe, dataset if recipe.dataset is None else recipe.dataset
 
 
 def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]:

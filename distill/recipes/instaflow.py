@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from distill.base.batch import Condition, concat_conditions
+from distill.base.batch import Batch, Condition, concat_conditions
 from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
 from distill.config import Section
@@ -30,6 +30,7 @@ from distill.data.pairs import PairDataset, PairsConfig, RegressionConfig, open_
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.recipes.reflow import flow_range, flow_velocity, parameter_count, vp_latent_teacher
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(Section):
@@ -68,9 +69,7 @@ def two_step_euler(x0_net, process, z: Tensor, cond: Condition, s_mid: Tensor) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class InstaFlow:
-    critic = None
-
+class InstaFlow(Recipe):
     def __init__(self, cfg: Config, flow: Denoiser, guidance_scale: float, dataset: PairDataset):
         self.cfg = cfg
         self.flow = flow.eval().requires_grad_(False)
@@ -83,7 +82,7 @@ class InstaFlow:
     def _flow_x0(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         return self.flow(x_t, t, cond, guidance_scale=self.guidance_scale)
 
-    def generator_loss(self, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.noise is None:
             raise ValueError("instaflow trains on a pair store: the batch has no noise")
         z, x1, cond = batch.noise, batch.images, batch.cond
@@ -96,8 +95,8 @@ class InstaFlow:
             guide = two_step_euler(self._flow_x0, self.flow.process, z_fresh, cond, s_mid)
             inputs, targets = torch.cat([inputs, self.schedule.start(z_fresh)]), torch.cat([x1, guide])
             cond = concat_conditions(cond, cond)
-        # One call with gradient through the (wrapped) generator: the student's single step, unclipped.
-        out = self.generator(inputs, self.schedule.t(0, inputs.shape[0], z.device), cond)
+        # One pass with gradient through the trained generator: the student's single step, unclipped.
+        out = nets.trained(inputs, self.schedule.t(0, inputs.shape[0], z.device), cond)
         per_sample = self.distance(out, targets)
         loss_pairs = per_sample[:n].mean()
         loss = loss_pairs
@@ -109,15 +108,12 @@ class InstaFlow:
         logs["loss"] = loss.item()
         return loss, logs
 
-    def critic_loss(self, batch, step: int):
-        raise RuntimeError("instaflow has no critic")
-
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
         return rollout(generator, self.schedule, cond, noise)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> InstaFlow:
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> InstaFlow:
     import logging
 
     if cfg.student.num_steps != 1:
@@ -125,7 +121,6 @@ def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> I
                           f"on the stored sample), got {cfg.student.num_steps}")
     pairs = open_pairs(cfg.recipe.pairs, dataset)
     recipe = InstaFlow(cfg.recipe, teacher, cfg.teacher.guidance_scale, pairs)
-    recipe.generator.to(device)
     logging.getLogger("distill").info("instaflow student: %s with %d parameters",
                                       type(recipe.generator.model).__name__, parameter_count(recipe.generator.model))
     return recipe

@@ -60,7 +60,7 @@ from distill.models.denoiser import Denoiser
 from distill.models.schedules import StudentSchedule, rollout, student_from_teacher, student_schedule
 from distill.parametrization import Process, _bcast, log_snr
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
-from distill.training.recipe import unwrap
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(Section):
@@ -174,7 +174,7 @@ class PhasedExperts(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class PhasedDMD:
+class PhasedDMD(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int, max_steps: int,
                  image_shape: tuple[int, ...]):
         self.cfg = cfg
@@ -202,7 +202,7 @@ class PhasedDMD:
         low, high = self.unit_ranges[phase]
         return self.teacher.process.from_unit(torch.rand(n, device=device) * (high - low) + low)
 
-    def _phase_output(self, phase: int, cond: Condition, n: int, device: torch.device, grad: bool):
+    def _phase_output(self, nets: Nets, phase: int, cond: Condition, n: int, device: torch.device, grad: bool):
         """(x0_hat of expert `phase`, x_s = alpha_s x0_hat + sigma_s eps after its scheduler step, alpha_s, sigma_s).
         The input is made by the frozen earlier experts' own rollout (progressive training, without gradient)."""
         sched = self.schedule
@@ -211,30 +211,30 @@ class PhasedDMD:
             if phase == 0:
                 x = sched.start(noise)
             else:
-                x0_prev = rollout(unwrap(self.generator), sched, cond, noise, steps=phase)
+                x0_prev = rollout(nets.generator, sched, cond, noise, steps=phase)
                 x = sched.renoise(x0_prev, phase, torch.randn_like(x0_prev))
         t_in = sched.t(phase, n, device)
         if grad:
-            x0_hat = self.generator(x, t_in, cond)
+            x0_hat = nets.trained(x, t_in, cond)
         else:
             with torch.no_grad():
-                x0_hat = unwrap(self.generator)(x, t_in, cond)
+                x0_hat = nets.generator(x, t_in, cond)
         if sched.clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
         alpha_s, sigma_s = output_level(self.teacher.process, self.phases[phase][1], device)
         x_s = alpha_s.to(x0_hat.dtype) * x0_hat + sigma_s.to(x0_hat.dtype) * torch.randn_like(x0_hat)  # its step
         return x0_hat, x_s, alpha_s, sigma_s
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
         n, device = next(iter(cond.values())).shape[0], next(iter(cond.values())).device
         phase = phase_at(step, self.max_steps, len(self.phases))
-        x0_hat, x_s, alpha_s, sigma_s = self._phase_output(phase, cond, n, device, grad=True)
+        x0_hat, x_s, alpha_s, sigma_s = self._phase_output(nets, phase, cond, n, device, grad=True)
         t = self._sample_t(phase, n, device)
         x_t = transition(self.teacher.process, x_s.detach(), alpha_s, sigma_s, t, torch.randn_like(x_s))
         with torch.no_grad():
             x0_real = self.teacher(x_t, t, cond, guidance_scale=self.guidance_scale)
-            x0_fake = unwrap(self.critic)(x_t, t, cond)
+            x0_fake = nets.critic(x_t, t, cond)
             grad = dmd_gradient(x0_hat.detach(), x0_real, x0_fake)
         # d x_t / d x0_hat = alpha_t I: the DMD gradient reaches the expert through x0_hat (DMD2 sec. 3).
         loss_dmd = dmd_loss(x0_hat, grad).mean()
@@ -242,32 +242,28 @@ class PhasedDMD:
         return loss, {"dmd_loss": loss_dmd.item(), "dmd_grad_abs": grad.abs().mean().item(), "phase": float(phase),
                       "loss": loss.item()}
 
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def critic_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
         n, device = next(iter(cond.values())).shape[0], next(iter(cond.values())).device
         phase = phase_at(step, self.max_steps, len(self.phases))
-        _, x_s, alpha_s, sigma_s = self._phase_output(phase, cond, n, device, grad=False)
+        _, x_s, alpha_s, sigma_s = self._phase_output(nets, phase, cond, n, device, grad=False)
         t = self._sample_t(phase, n, device)
         x_t = transition(self.teacher.process, x_s, alpha_s, sigma_s, t, torch.randn_like(x_s))
         alpha_t, sigma_t = (_bcast(v, x_s).to(x_s.dtype) for v in self.teacher.process.alpha_sigma(t))
         target = subinterval_x0_target(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
-        fake_score = unwrap(self.critic)
-        x0_pred = self.critic(x_t, t, cond)
-        loss = denoising_loss(fake_score.to_native(x0_pred, x_t, t), fake_score.to_native(target, x_t, t)).mean()
+        x0_pred = nets.trained(x_t, t, cond)
+        loss = denoising_loss(nets.critic.to_native(x0_pred, x_t, t), nets.critic.to_native(target, x_t, t)).mean()
         return loss, {"denoise_loss": loss.item(), "phase": float(phase), "loss": loss.item()}
 
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
         return rollout(generator, self.schedule, cond, noise)
 
-    def export(self, generator: nn.Module, out_dir, num_steps: int, config=None):
+    def export(self, generator: nn.Module, out_dir, num_steps: int, config):
         """One stock diffusers folder per expert plus the loop that switches experts per step (export.py)."""
         return export_experts(list(generator.experts), out_dir, num_steps=num_steps, config=config)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> PhasedDMD:
-    recipe = PhasedDMD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, cfg.run.max_steps,
-                       dataset.image_shape)
-    recipe.generator.to(device)
-    recipe.critic.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> PhasedDMD:
+    return PhasedDMD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, cfg.run.max_steps,
+                     dataset.image_shape)

@@ -57,7 +57,7 @@ from distill.models.denoiser import Denoiser
 from distill.models.jvp import jvp
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.parametrization import _bcast, edm_sigma_range, trigflow_from_x0, trigflow_to_native
-from distill.training.recipe import unwrap
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(Section):
@@ -226,25 +226,24 @@ class StudentWithLogVariance(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class SCM:
+class SCM(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int):
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)
         self.guidance_scale = guidance_scale
         self.generator = StudentWithLogVariance(student_from_teacher(teacher))
-        self.critic = None
         self.sigma_data = float(getattr(teacher.process, "sigma_data", 1.0))
         self.export_timesteps = cfg.timesteps
         self.schedule = student_schedule(self.generator.student, num_steps, cfg.timesteps)
 
     def export_model(self, generator: nn.Module) -> Denoiser:
-        return unwrap(generator).student
+        return generator.student
 
     def warmup(self, step: int) -> float:
         """Tangent warmup r = min(1, step / H) (sCM sec. 4.3)."""
         return 1.0 if self.cfg.tangent_warmup_steps == 0 else min(1.0, step / self.cfg.tangent_warmup_steps)
 
-    def consistency_target(self, batch: Batch, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    def consistency_target(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """(x_t, t, F^-, g normalised, mean raw ||g||): everything of the sCM loss that carries no gradient."""
         cfg, sd = self.cfg, self.sigma_data
         if batch.images is None:
@@ -257,32 +256,27 @@ class SCM:
             dxt_dt = teacher_velocity(self.teacher, x_t, t, cond, sd, self.guidance_scale)
         else:
             dxt_dt = data_velocity(x0, z, t)
-        student = self.export_model(self.generator)
+        student = self.export_model(nets.generator)
         F_student = trigflow_view(student, student.process, cond, sd)
         F_minus, g = scm_tangent(F_student, x_t, t, dxt_dt, sd, self.warmup(step), cfg.jvp, cfg.jvp_eps)
         g_norm = g.flatten(1).norm(dim=1).mean().item()
         g = normalize_tangent(g, cfg.tangent_normalization, cfg.tangent_norm_c, cfg.tangent_clip)
         return x_t, t, F_minus, g, g_norm
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         sd = self.sigma_data
-        x_t, t, F_minus, g, g_norm = self.consistency_target(batch, step)
-        # The student's own output, with gradient, from a separate forward through the wrapped generator.
-        x_native, t_native = trigflow_to_native(self.export_model(self.generator).process, x_t, t, sd)
-        x0_theta, logvar = self.generator(x_native, t_native, batch.cond, with_logvar=True)
+        x_t, t, F_minus, g, g_norm = self.consistency_target(nets, batch, step)
+        # The student's own output, with gradient, from a separate pass through the trained generator.
+        x_native, t_native = trigflow_to_native(self.export_model(nets.generator).process, x_t, t, sd)
+        x0_theta, logvar = nets.trained(x_native, t_native, batch.cond, with_logvar=True)
         F_theta = trigflow_from_x0(x0_theta, x_t, t, sd)
         loss = scm_loss(F_theta, F_minus, g, logvar if self.cfg.adaptive_weighting else None).mean()
         return loss, {"loss": loss.item(), "tangent_norm": g_norm, "logvar": logvar.mean().item()}
-
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        raise RuntimeError("scm has no critic")
 
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
         return rollout(self.export_model(generator), self.schedule, cond, noise)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> SCM:
-    recipe = SCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps)
-    recipe.generator.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> SCM:
+    return SCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps)

@@ -34,7 +34,7 @@ from distill.models.adapters import AdapterDenoiser, add_lora_adapters
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, step_input, student_from_teacher, student_prediction, student_schedule
 from distill.parametrization import add_noise
-from distill.training.recipe import frozen, unwrap
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(Section):
@@ -149,7 +149,7 @@ class FakeScore(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class DMD2:
+class DMD2(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int, image_shape: tuple[int, ...]):
         self.cfg = cfg
         self.guidance_scale = guidance_scale
@@ -167,53 +167,54 @@ class DMD2:
         self.pairs: PairDataset | None = None  # set by build when cfg.regression_weight > 0
         self.regression_distance = cfg.regression.distance() if cfg.regression_weight > 0 else None
 
-    # -- helpers ------------------------------------------------------------------------------------------
-    def _sample_t(self, n: int, device: torch.device) -> Tensor:
+    # -- the pieces the recipes built on DMD2 share (decoupled_dmd, fdistill, swiftbrush) ------------------------
+    def sample_t(self, n: int, device: torch.device) -> Tensor:
+        """Native noise levels, uniform in unit time on [min_t, max_t]."""
         u = torch.rand(n, device=device) * (self.cfg.max_t - self.cfg.min_t) + self.cfg.min_t
         return self.teacher.process.from_unit(u)
 
-    def _student_output(self, cond: Condition, n: int, device: torch.device, grad: bool,
-                        regress: Batch | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def student_output(self, nets: Nets, cond: Condition, n: int, device: torch.device, grad: bool,
+                       regress: Batch | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """x0 from a uniformly chosen student step; earlier steps are the student's own rollout, without
-        gradient (backward simulation, DMD2 sec. 4.4). With grad, the last call goes through the wrapped
-        (DDP) generator so its gradients are synchronised. With `regress` (stored pairs), the student's first
-        step on their noise joins the same call and (x0, regression output) is returned."""
+        gradient (backward simulation, DMD2 sec. 4.4). With grad (the generator update), the last step is the
+        loss's pass through `nets.trained`. With `regress` (stored pairs), the student's first step on their
+        noise joins the same pass and (x0, regression output) is returned."""
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         i = int(torch.randint(0, sched.num_steps, ()).item())
-        x = step_input(unwrap(self.generator), sched, cond, noise, i)
+        x = step_input(nets.generator, sched, cond, noise, i)
         if regress is not None:
             m = regress.noise.shape[0]
-            out = self.generator(torch.cat([x, sched.start(regress.noise)]),
-                                 torch.cat([sched.t(i, n, device), sched.t(0, m, device)]),
-                                 concat_conditions(cond, regress.cond))
+            out = nets.trained(torch.cat([x, sched.start(regress.noise)]),
+                               torch.cat([sched.t(i, n, device), sched.t(0, m, device)]),
+                               concat_conditions(cond, regress.cond))
             return out[:n], out[n:]
         if grad:
-            return self.generator(x, sched.t(i, n, device), cond)
+            return nets.trained(x, sched.t(i, n, device), cond)
         with torch.no_grad():
-            return unwrap(self.generator)(x, sched.t(i, n, device), cond)
+            return nets.generator(x, sched.t(i, n, device), cond)
 
-    def _noised_student_sample(self, cond: Condition, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(x, t, x_t): a student sample (`_student_output`), a noise level and x re-noised at it."""
+    def noised_student_sample(self, nets: Nets, cond: Condition, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, t, x_t): a student sample (`student_output`), a noise level and x re-noised at it."""
         first = next(iter(cond.values()))
-        x = self._student_output(cond, first.shape[0], first.device, grad=grad)
-        t = self._sample_t(first.shape[0], first.device)
+        x = self.student_output(nets, cond, first.shape[0], first.device, grad=grad)
+        t = self.sample_t(first.shape[0], first.device)
         return x, t, add_noise(self.teacher.process, x, torch.randn_like(x), t)
 
     # -- the two updates -------------------------------------------------------------------------------------
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
         n = next(iter(cond.values())).shape[0]
         device = next(iter(cond.values())).device
         regress = regression_pairs(self.pairs, n, device) if self.cfg.regression_weight > 0 else None
-        x = self._student_output(cond, n, device, grad=True, regress=regress)
+        x = self.student_output(nets, cond, n, device, grad=True, regress=regress)
         if regress is not None:
             x, x_regress = x
-        t = self._sample_t(n, device)
+        t = self.sample_t(n, device)
         x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
         with torch.no_grad():
             x0_real = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
-            x0_fake = unwrap(self.critic).denoiser(x_t.detach(), t, cond)
+            x0_fake = nets.critic.denoiser(x_t.detach(), t, cond)
             grad = dmd_gradient(x.detach(), x0_real, x0_fake)
         loss_dmd = dmd_loss(x, grad).mean()
         loss = self.cfg.dmd_weight * loss_dmd
@@ -223,29 +224,28 @@ class DMD2:
             loss = loss + self.cfg.regression_weight * loss_reg
             logs["regression_loss"] = loss_reg.item()
         if self.cfg.gan:
-            with frozen(self.critic) as critic:
-                _, logits = critic(x_t, t, cond)  # gradient reaches x through the frozen critic
+            _, logits = nets.critic(x_t, t, cond)  # gradient reaches x through the frozen critic
             loss_gan = F.softplus(-logits).mean()  # non-saturating generator loss
             loss = loss + self.cfg.gan_generator_weight * loss_gan
             logs["gan_loss"] = loss_gan.item()
         logs["loss"] = loss.item()
         return loss, logs
 
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def critic_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        x, t, x_t = self._noised_student_sample(cond, grad=False)  # detached generator samples
+        x, t, x_t = self.noised_student_sample(nets, cond, grad=False)  # detached generator samples
         n, device = x.shape[0], x.device
         if self.cfg.gan:
             if batch.images is None:
                 raise ValueError("dmd2 with gan: true needs real images in the data batch")
-            t_real = self._sample_t(n, device)
+            t_real = self.sample_t(n, device)
             x_t_real = add_noise(self.teacher.process, batch.images, torch.randn_like(batch.images), t_real)
             both_cond = {k: torch.cat([v, v]) for k, v in cond.items()}
-            x0_hat, logits = self.critic(torch.cat([x_t, x_t_real]), torch.cat([t, t_real]), both_cond)
+            x0_hat, logits = nets.trained(torch.cat([x_t, x_t_real]), torch.cat([t, t_real]), both_cond)
             x0_hat, (logits_fake, logits_real) = x0_hat[:n], logits.chunk(2)
         else:
-            x0_hat, _ = self.critic(x_t, t, cond)
-        fake_score = unwrap(self.critic).denoiser
+            x0_hat, _ = nets.trained(x_t, t, cond)
+        fake_score = nets.critic.denoiser
         loss_denoise = denoising_loss(fake_score.to_native(x0_hat, x_t, t), fake_score.to_native(x, x_t, t)).mean()
         loss = loss_denoise
         logs = {"denoise_loss": loss_denoise.item()}
@@ -261,10 +261,8 @@ class DMD2:
         return rollout(generator, self.schedule, cond, noise)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DMD2:
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> DMD2:
     recipe = DMD2(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
     if cfg.recipe.regression_weight > 0:
         recipe.pairs = open_pairs(cfg.recipe.pairs, dataset)
-    recipe.critic.to(device)
-    recipe.generator.to(device)
     return recipe

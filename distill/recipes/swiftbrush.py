@@ -32,7 +32,7 @@ from distill.models.denoiser import Denoiser
 from distill.models.schedules import student_from_teacher, student_prediction, student_schedule
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, FakeScore, denoising_loss, dmd_gradient, dmd_loss
-from distill.training.recipe import unwrap
+from distill.training.recipe import Nets
 
 
 class Config(dmd2.Config):
@@ -65,12 +65,12 @@ class SwiftBrush(DMD2):
         self.critic = FakeScore(AdapterDenoiser(teacher, "fake_score"), gan=False)
         self.schedule = student_schedule(self.generator, num_steps)
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond  # batch.images is never read: image-free
-        x, t, x_t = self._noised_student_sample(cond, grad=True)
+        x, t, x_t = self.noised_student_sample(nets, cond, grad=True)
         with torch.no_grad():
             x0_teacher = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
-            x0_lora = unwrap(self.critic).denoiser(x_t.detach(), t, cond, guidance_scale=self.fake_guidance_scale)
+            x0_lora = nets.critic.denoiser(x_t.detach(), t, cond, guidance_scale=self.fake_guidance_scale)
             grad = dmd_gradient(x.detach(), x0_teacher, x0_lora)  # VSD in x0 form (module docstring)
         loss = self.cfg.dmd_weight * dmd_loss(x, grad).mean()
         return loss, {"vsd_loss": loss.item(), "vsd_grad_abs": grad.abs().mean().item(), "loss": loss.item()}
@@ -84,17 +84,14 @@ class SwiftBrush(DMD2):
         drop = torch.rand(n, device=next(iter(cond.values())).device) < self.cfg.fake_label_dropout
         return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k], v) for k, v in cond.items()}
 
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def critic_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        x, t, x_t = self._noised_student_sample(cond, grad=False)  # detached student samples
-        x0_hat, _ = self.critic(x_t, t, self._dropped_labels(cond))
-        fake_score = unwrap(self.critic).denoiser
+        x, t, x_t = self.noised_student_sample(nets, cond, grad=False)  # detached student samples
+        x0_hat, _ = nets.trained(x_t, t, self._dropped_labels(cond))
+        fake_score = nets.critic.denoiser
         loss = denoising_loss(fake_score.to_native(x0_hat, x_t, t), fake_score.to_native(x, x_t, t)).mean()
         return loss, {"denoise_loss": loss.item(), "loss": loss.item()}
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> SwiftBrush:
-    recipe = SwiftBrush(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
-    recipe.critic.to(device)
-    recipe.generator.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> SwiftBrush:
+    return SwiftBrush(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)

@@ -48,13 +48,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from distill.base.batch import Condition
+from distill.base.batch import Batch, Condition
 from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.data.pairs import PairDataset, PairsConfig, is_text_store, open_pairs
 from distill.models.denoiser import Denoiser
 from distill.parametrization import EDMProcess, FlowProcess
+from distill.training.recipe import Nets, Recipe
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -326,9 +327,7 @@ def write_flow_folder(flow: Denoiser, out_dir: str | Path, source_dir: Path | No
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Reflow:
-    critic = None
-
+class Reflow(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, teacher_dir: Path, dataset: PairDataset, num_steps: int):
         self.cfg = cfg
         self.num_steps = num_steps  # student.num_steps: the Euler steps the flow is sampled with (grids, tables)
@@ -344,7 +343,7 @@ class Reflow:
             raise ConfigError(f"recipe.min_s/max_s: [{cfg.min_s}, {cfg.max_s}] misses the network's flow times "
                               f"[{lo:.4g}, {hi:.4g}]")
 
-    def generator_loss(self, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.noise is None:
             raise ValueError("reflow trains on a pair store: the batch has no noise (is recipe.dataset set?)")
         x1, cond = batch.images, batch.cond
@@ -352,41 +351,27 @@ class Reflow:
         beta = anneal_beta(step, self.cfg.anneal_steps)
         z = annealed_noise(batch.noise, torch.randn_like(batch.noise), beta) if beta > 0 else batch.noise
         s = torch.rand(n, device=x1.device) * (self.s_max - self.s_min) + self.s_min
-        v = flow_velocity(self.generator, unwrap_process(self.generator), interpolate(x1, z, s), s, cond)
+        v = flow_velocity(nets.trained, nets.generator.process, interpolate(x1, z, s), s, cond)
         loss = reflow_loss(v, z, x1).mean()
         return loss, {"loss": loss.item(), "reflow_loss": loss.item(), "anneal_beta": beta}
-
-    def critic_loss(self, batch, step: int):
-        raise RuntimeError("reflow has no critic")
 
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
         """The flow's Euler ODE sample with student.num_steps steps: on its pipeline's sigmas (latent families,
         what the export samples; latents are not clipped), else evenly spaced and clipped to [-1, 1]."""
-        from distill.training.recipe import unwrap
-
-        grid = pipeline_flow_grid(unwrap(generator), self.num_steps)
+        grid = pipeline_flow_grid(generator, self.num_steps)
         if grid is None:
             return sample_flow(generator, cond, noise, self.num_steps).clamp(-1, 1)
-        process = unwrap_process(generator)
-        return euler_path(lambda x, s: flow_velocity(generator, process, x, s, cond), noise, grid)[-1]
+        return euler_path(lambda x, s: flow_velocity(generator, generator.process, x, s, cond), noise, grid)[-1]
 
-    def export(self, generator: Denoiser, out_dir: str | Path, num_steps: int, config=None) -> Path:
+    def export(self, generator: Denoiser, out_dir: str | Path, num_steps: int, config) -> Path:
         if pipeline_flow_grid(generator, 1) is not None:
             return write_flow_pipeline(generator, out_dir, num_steps, config)
         return write_flow_folder(generator, out_dir, self.teacher_dir, config)
 
 
-def unwrap_process(net: nn.Module):
-    from distill.training.recipe import unwrap
-
-    return unwrap(net).process
-
-
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> Reflow:
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> Reflow:
     from distill.base.paths import resolve_path
 
     pairs = open_pairs(cfg.recipe.pairs, dataset)
-    recipe = Reflow(cfg.recipe, teacher, resolve_path(cfg.teacher.path), pairs, cfg.student.num_steps)
-    recipe.generator.to(device)
-    return recipe
+    return Reflow(cfg.recipe, teacher, resolve_path(cfg.teacher.path), pairs, cfg.student.num_steps)

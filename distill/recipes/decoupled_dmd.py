@@ -37,7 +37,7 @@ from distill.models.denoiser import Denoiser
 from distill.parametrization import add_noise
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, dmd_loss
-from distill.training.recipe import frozen, unwrap
+from distill.training.recipe import Nets
 
 
 class Config(dmd2.Config):
@@ -89,15 +89,15 @@ class DecoupledDMD(DMD2):
         both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_conditions(cond, null))
         return both.chunk(2)
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg, w = self.cfg, self.guidance_scale
         cond = batch.cond
-        x, t, x_t = self._noised_student_sample(cond, grad=True)
+        x, t, x_t = self.noised_student_sample(nets, cond, grad=True)
         n, device = x.shape[0], x.device
         shared = (cfg.ca_min_t, cfg.ca_max_t) == (cfg.min_t, cfg.max_t)  # one draw: DMD2's gradient, split
         with torch.no_grad():
             x0_cond, x0_uncond = self._teacher_cond_uncond(x_t.detach(), t, cond)
-            x0_fake = unwrap(self.critic).denoiser(x_t.detach(), t, cond)
+            x0_fake = nets.critic.denoiser(x_t.detach(), t, cond)
             dm, ca = decoupled_gradients(x.detach(), x0_cond, x0_uncond, x0_fake, w)
             if not shared:
                 t_ca = self._sample_ca_t(n, device)
@@ -109,8 +109,7 @@ class DecoupledDMD(DMD2):
         logs = {"dm_loss": loss_dm.item(), "ca_loss": loss_ca.item(), "dm_grad_abs": dm.abs().mean().item(),
                 "ca_grad_abs": ca.abs().mean().item()}
         if cfg.gan:
-            with frozen(self.critic) as critic:
-                _, logits = critic(x_t, t, cond)  # gradient reaches x through the frozen critic
+            _, logits = nets.critic(x_t, t, cond)  # gradient reaches x through the frozen critic
             loss_gan = F.softplus(-logits).mean()  # non-saturating generator loss, as in DMD2
             loss = loss + cfg.gan_generator_weight * loss_gan
             logs["gan_loss"] = loss_gan.item()
@@ -118,11 +117,8 @@ class DecoupledDMD(DMD2):
         return loss, logs
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> DecoupledDMD:
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> DecoupledDMD:
     if cfg.teacher.guidance_scale == 1.0:
         logging.getLogger("distill").warning("decoupled_dmd with teacher.guidance_scale=1.0: the CFG-augmentation "
                                              "term is zero and the recipe is DMD2 with the DM term alone")
-    recipe = DecoupledDMD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
-    recipe.critic.to(device)
-    recipe.generator.to(device)
-    return recipe
+    return DecoupledDMD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)

@@ -26,7 +26,7 @@ from distill.parametrization import add_noise, flow_shift, trigflow_from_x0, tri
 from distill.recipes.dmd2 import FakeScore, denoising_loss, dmd_gradient, dmd_loss
 from distill.recipes.scm import SCM, scm_loss
 from distill.recipes.scm import Config as SCMConfig
-from distill.training.recipe import unwrap
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(SCMConfig):
@@ -43,7 +43,7 @@ class Config(SCMConfig):
         return self
 
 
-class RCM:
+class RCM(Recipe):
     """sCM (its recipe object, held: the generator, the stop-gradient target, the schedule) plus the DMD term."""
 
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int,
@@ -56,66 +56,65 @@ class RCM:
         self.schedule, self.export_timesteps, self.sigma_data = self.scm.schedule, cfg.timesteps, self.scm.sigma_data
 
     def export_model(self, generator: nn.Module) -> Denoiser:
-        return unwrap(generator).student
+        return generator.student
 
     def sample_dmd_time(self, n: int, device: torch.device) -> Tensor:
         """The DMD term's own sampler: shifted uniform unit time, mapped to the teacher's native time."""
         u = torch.rand(n, device=device) * (self.cfg.dmd_max_t - self.cfg.dmd_min_t) + self.cfg.dmd_min_t
         return self.teacher.process.from_unit(flow_shift(u, self.cfg.dmd_shift))
 
-    def rollout_input(self, cond: Condition, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def rollout_input(self, nets: Nets, cond: Condition, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(x, t) of a uniformly chosen student step; earlier steps are the student's rollout without gradient."""
         sched = self.schedule
         noise = torch.randn((n, *self.image_shape), device=device)
         i = int(torch.randint(0, sched.num_steps, ()).item())
-        x = step_input(self.export_model(self.generator), sched, cond, noise, i)
+        x = step_input(self.export_model(nets.generator), sched, cond, noise, i)
         return x, sched.t(i, n, device)
 
-    def dmd_term(self, x: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+    def dmd_term(self, nets: Nets, x: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
         """Per-sample DMD loss of student samples `x` (with grad) and the DMD gradient it applies."""
         t = self.sample_dmd_time(x.shape[0], x.device)
         x_t = add_noise(self.teacher.process, x.detach(), torch.randn_like(x), t)
         with torch.no_grad():
             x0_real = self.teacher(x_t, t, cond, guidance_scale=self.guidance_scale)
-            x0_fake = unwrap(self.critic).denoiser(x_t, t, cond)
+            x0_fake = nets.critic.denoiser(x_t, t, cond)
             grad = dmd_gradient(x.detach(), x0_real, x0_fake)
         return dmd_loss(x, grad), grad
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg, sd = self.cfg, self.sigma_data
         x0_data, cond = batch.images, batch.cond
         n = x0_data.shape[0]
-        self.scm.generator = self.generator  # the trainer re-binds the wrapped (DDP) generator on this object
-        student = self.export_model(self.generator)
+        student = self.export_model(nets.generator)
         # sCM part: the stop-gradient target (teacher velocity, one JVP), as in the sCM recipe.
-        x_t, t, F_minus, g, g_norm = self.scm.consistency_target(batch, step)
+        x_t, t, F_minus, g, g_norm = self.scm.consistency_target(nets, batch, step)
         x_native, t_native = trigflow_to_native(student.process, x_t, t, sd)
         # DMD part: the input of the student's last (gradient) step.
-        x_roll, t_roll = self.rollout_input(cond, n, x0_data.device)
+        x_roll, t_roll = self.rollout_input(nets, cond, n, x0_data.device)
         both = {k: torch.cat([v, v]) for k, v in cond.items()}
-        x0_both, logvar_both = self.generator(torch.cat([x_native, x_roll]), torch.cat([t_native, t_roll]), both,
+        x0_both, logvar_both = nets.trained(torch.cat([x_native, x_roll]), torch.cat([t_native, t_roll]), both,
                                               with_logvar=True)
         x0_theta, x_student = x0_both[:n], x0_both[n:]
         F_theta = trigflow_from_x0(x0_theta, x_t, t, sd)
         loss_scm = scm_loss(F_theta, F_minus, g, logvar_both[:n] if cfg.adaptive_weighting else None).mean()
-        loss_dmd, grad = self.dmd_term(x_student, cond)
+        loss_dmd, grad = self.dmd_term(nets, x_student, cond)
         loss_dmd = loss_dmd.mean()
         loss = loss_scm + cfg.dmd_weight * loss_dmd
         return loss, {"loss": loss.item(), "scm_loss": loss_scm.item(), "dmd_loss": loss_dmd.item(),
                       "dmd_grad_abs": grad.abs().mean().item(), "tangent_norm": g_norm}
 
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def critic_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         """The fake score's denoising loss on the student's (detached) rollout samples (DMD2 sec. 4.2)."""
         cond = batch.cond
         n = next(iter(cond.values())).shape[0]
         device = next(iter(cond.values())).device
-        x_in, t_in = self.rollout_input(cond, n, device)
+        x_in, t_in = self.rollout_input(nets, cond, n, device)
         with torch.no_grad():
-            x = self.export_model(self.generator)(x_in, t_in, cond)
+            x = self.export_model(nets.generator)(x_in, t_in, cond)
         t = self.sample_dmd_time(n, device)
         x_t = add_noise(self.teacher.process, x, torch.randn_like(x), t)
-        x0_hat, _ = self.critic(x_t, t, cond)
-        fake_score = unwrap(self.critic).denoiser
+        x0_hat, _ = nets.trained(x_t, t, cond)
+        fake_score = nets.critic.denoiser
         loss = denoising_loss(fake_score.to_native(x0_hat, x_t, t), fake_score.to_native(x, x_t, t)).mean()
         return loss, {"loss": loss.item(), "denoise_loss": loss.item()}
 
@@ -124,8 +123,5 @@ class RCM:
         return rollout(self.export_model(generator), self.schedule, cond, noise)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> RCM:
-    recipe = RCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, tuple(dataset.image_shape))
-    recipe.critic.to(device)
-    recipe.generator.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> RCM:
+    return RCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, tuple(dataset.image_shape))

@@ -32,7 +32,7 @@ from distill.config import require
 from distill.models.denoiser import Denoiser
 from distill.recipes import dmd2
 from distill.recipes.dmd2 import DMD2, dmd_gradient, dmd_loss
-from distill.training.recipe import frozen
+from distill.training.recipe import Nets
 
 Divergence = Literal["reverse_kl", "forward_kl", "jensen_shannon", "squared_hellinger", "jeffreys", "neyman"]
 
@@ -94,16 +94,16 @@ def f_weights(logits: Tensor, divergence: str, max_abs_logit: float = 10.0) -> T
 
 
 class FDistill(DMD2):
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cond = batch.cond
-        x, t, x_t = self._noised_student_sample(cond, grad=True)
+        x, t, x_t = self.noised_student_sample(nets, cond, grad=True)
         with torch.no_grad():
             x0_real = self.teacher(x_t.detach(), t, cond, guidance_scale=self.guidance_scale)
         # One pass of the frozen critic: the fake score's x0 and the discriminator's logit; the logit's graph
         # carries the GAN generator loss to x (when weighted), the detached outputs make the f-weighted gradient.
         gan_to_x = self.cfg.gan_generator_weight > 0
-        with frozen(self.critic) as critic, torch.set_grad_enabled(gan_to_x):
-            x0_fake, logits = critic(x_t if gan_to_x else x_t.detach(), t, cond)
+        with torch.set_grad_enabled(gan_to_x):
+            x0_fake, logits = nets.critic(x_t if gan_to_x else x_t.detach(), t, cond)
         grad = dmd_gradient(x.detach(), x0_real, x0_fake.detach())
         weights = f_weights(logits.detach(), self.cfg.divergence, self.cfg.max_abs_logit)
         loss_dmd = (weights * dmd_loss(x, grad)).mean()
@@ -115,8 +115,5 @@ class FDistill(DMD2):
         return loss, logs
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> FDistill:
-    recipe = FDistill(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
-    recipe.critic.to(device)
-    recipe.generator.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> FDistill:
+    return FDistill(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)

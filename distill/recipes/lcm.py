@@ -19,8 +19,8 @@ Guidance: the teacher's guidance w is fixed (`teacher.guidance_scale`) and disti
 embedding so one student serves a range of w; a stock `ConsistencyModelPipeline` has no input through which a
 user could pass w, so such a student could only be exported at one baked w anyway. We keep one w per student.
 
-The EMA target network is the trainer's (`target_decay`, checkpointed with the run), separate from the exported
-EMA. Sampling is the export target's k-step schedule, exactly as the pipeline samples.
+The EMA target network is the trainer's (`target_decay`, handed to the loss as `nets.target` and checkpointed
+with the run), separate from the exported EMA. Sampling is the export target's k-step schedule, exactly as the pipeline samples.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from distill.export.checks import check_custom_timesteps
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.parametrization import _bcast, add_noise
-from distill.training.recipe import unwrap
+from distill.training.recipe import Nets, Recipe
 
 
 class Config(Section):
@@ -89,15 +89,13 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class LCM:
+class LCM(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int):
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)
         self.guidance_scale = guidance_scale
         self.generator = student_from_teacher(teacher)
-        self.critic = None
-        self.target_decay = cfg.target_decay  # the trainer keeps the EMA target and sets self.target_network
-        self.target_network: nn.Module | None = None
+        self.target_decay = cfg.target_decay  # the trainer keeps the EMA target network (nets.target)
         self.export_timesteps = cfg.timesteps
         self.schedule = student_schedule(self.generator, num_steps, cfg.timesteps)
         # index 0 is the clean end (EDM: sigma_min); from_unit is the Karras ramp for EDM
@@ -114,11 +112,11 @@ class LCM:
             a_m, s_m = self.teacher.process.alpha_sigma(t_m)
             return ddim_step(x_n, x0, a_n, s_n, a_m, s_m)
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if batch.images is None:
             raise ValueError("lcm needs data images in the batch")
-        if self.target_network is None:
-            raise RuntimeError("lcm needs the trainer's EMA target network (recipe.target_network is unset)")
+        if nets.target is None:
+            raise RuntimeError("lcm needs the trainer's EMA target network (nets.target is None)")
         x0, cond = batch.images, batch.cond
         n, k = x0.shape[0], self.cfg.skip_steps
         idx = torch.randint(k, self.cfg.num_timesteps, (n,), device=x0.device)
@@ -127,22 +125,17 @@ class LCM:
         x_n = add_noise(self.teacher.process, x0, torch.randn_like(x0), t_n)
         x_m = self.teacher_solver(x_n, t_n, t_m, cond)
         with torch.no_grad():
-            target = self.target_network(x_m, t_m, cond)
+            target = nets.target(x_m, t_m, cond)
             clean_end = (idx == k).view(-1, *[1] * (x0.ndim - 1))  # level n - k = 0: the boundary f(x, t_0) = x
             target = torch.where(clean_end, x_m, target)
-        pred = self.generator(x_n, t_n, cond)
+        pred = nets.trained(x_n, t_n, cond)
         loss = pseudo_huber(pred, target, self.cfg.huber_c).mean()
         return loss, {"loss": loss.item()}
 
-    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        raise RuntimeError("lcm has no critic")
-
     @torch.no_grad()
     def generate(self, generator: nn.Module, cond: Condition, noise: Tensor) -> Tensor:
-        return rollout(unwrap(generator), self.schedule, cond, noise)
+        return rollout(generator, self.schedule, cond, noise)
 
 
-def build(cfg: RunConfig, teacher: Denoiser, dataset, device: torch.device) -> LCM:
-    recipe = LCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps)
-    recipe.generator.to(device)
-    return recipe
+def build(cfg: RunConfig, teacher: Denoiser, dataset) -> LCM:
+    return LCM(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps)
