@@ -9,6 +9,9 @@
                                              export, grid, FD-digits; `--task text`: on the bundled text-to-image
                                              teacher, agreement and FD-shapes (docs/text_to_image.md); `--task
                                              text-flow`: the same on the bundled flow-matching (SD3) text teacher
+    distill eval EVALUATION ...              evaluate finished runs and teachers: digits RUN_DIR, text RUN_DIR,
+                                             runs RUN_DIR..., steps RUN_DIR..., reflow, teacher, text-teacher
+                                             (distill/evaluate.py; `distill eval -h`)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from distill.base.errors import ConfigError
 from distill.base.optional import MissingPackage
+from distill.evaluate import add_eval_parser
 from distill.training.preflight import check_run_folders, load_config
 
 #: the config each demo task runs, by recipe name
@@ -98,8 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             from distill.demo.evaluate_text import DEFAULT_TEXT_TEACHER_STEPS as default_steps
             from distill.demo.evaluate_text import compare_text_teacher_student as compare
         else:
-            from distill.evaluation.digits import DEFAULT_TEACHER_STEPS as default_steps
-            from distill.evaluation.digits import compare_teacher_student as compare
+            from distill.demo.digits import DEFAULT_TEACHER_STEPS as default_steps
+            from distill.demo.digits import compare_teacher_student as compare
 
         steps = args.teacher_steps if args.teacher_steps is not None else default_steps
         print(compare(cfg, pipeline_dir, out, teacher_steps=steps))
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "rcm, lcm, ...; text, text-flow: dmd2)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/<task>/NAME.yaml")
     d.set_defaults(fn=cmd_demo)
+    add_eval_parser(sub)
     return p
 
 

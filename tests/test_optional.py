@@ -117,9 +117,9 @@ def test_optional_packages_are_extras():
 def test_require_names_package_and_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(optional.MissingPackage) as e:
-        optional.require("matplotlib", "scripts/evaluate_teacher.py --plot")
+        optional.require("matplotlib", "distill eval teacher --plot")
     text = str(e.value)
-    assert "scripts/evaluate_teacher.py --plot" in text and "'matplotlib'" in text
+    assert "distill eval teacher --plot" in text and "'matplotlib'" in text
     assert "pip install 'matplotlib'" in text and '".[plot]"' in text
     with pytest.raises(KeyError, match="not a declared optional package"):
         optional.require("numpy", "anything")
@@ -141,23 +141,24 @@ def test_cli_turns_a_missing_package_into_exit_2(monkeypatch, capsys):
     assert err.startswith("distill: error: this command needs the package 'matplotlib'")
 
 
-HIDDEN = """
-import runpy, sys
+HIDDEN_CLI = """
+import sys
 sys.modules[{module!r}] = None          # as if the package were not installed
-sys.argv = {argv!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
+from distill.cli import main
+sys.exit(main({argv!r}))
 """
 
 
-def test_script_without_matplotlib_stops_before_measuring(tmp_path):
-    argv = ["scripts/evaluate_teacher.py", "--steps", "1", "--plot", str(tmp_path / "curve.png")]
-    proc = subprocess.run([sys.executable, "-c", HIDDEN.format(module="matplotlib", argv=argv)], cwd=REPO,
+def test_eval_teacher_without_matplotlib_stops_before_measuring(tmp_path):
+    argv = ["eval", "teacher", "--steps", "1", "--plot", str(tmp_path / "curve.png")]
+    proc = subprocess.run([sys.executable, "-c", HIDDEN_CLI.format(module="matplotlib", argv=argv)], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert "scripts/evaluate_teacher.py --plot needs the package 'matplotlib'" in proc.stderr
+    assert "distill: error: distill eval teacher --plot needs the package 'matplotlib'" in proc.stderr
     assert "pip install" in proc.stderr
     assert proc.stdout == ""  # no cell was measured
+    assert not (tmp_path / "curve.png").exists()
 
 
 def test_without_triton_the_jvp_attention_runs_on_pytorch():
