@@ -1,8 +1,9 @@
 """YAML configs validated by pydantic v2: every key declares its type, range, choices and relations beside it.
 
 A config file has fixed sections (`run`, `teacher`, `data`, `student`, `trainer`, `export`) and one `recipe`
-section whose `name` picks `distill.recipes.<name>`; the remaining keys of that section are checked against
-that module's `Config` (a :class:`Section`), so a new recipe brings its own schema without touching this file.
+section whose `name` picks a recipe; the remaining keys of that section are checked against that recipe's `Config`
+(a :class:`Section`), so a new recipe brings its own schema without touching this file. This module imports no
+recipe: :func:`parse_config` is handed the lookup (`distill.training.registry.recipe_module`).
 
 Conventions for every section, base or recipe:
 
@@ -21,12 +22,11 @@ docs/config.md is the guide for recipe authors; tests/test_config_properties.py 
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -159,7 +159,10 @@ class OptimizerConfig(Section):
     lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate (after warm-up)")
     betas: tuple[Beta, Beta] = Field((0.0, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay; 0 = none")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up in updates, at most run.max_steps; 0 = none")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up in updates, at most run.max_steps: update k "
+                                                   "(from 0) runs at lr * k / warmup_steps while k < "
+                                                   "warmup_steps, the first at learning rate 0 (diffusers' "
+                                                   "constant_with_warmup), then at lr; 0 = none")
 
 
 class TrainerConfig(Section):
@@ -390,14 +393,6 @@ def to_dict(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def recipe_module(name: str) -> types.ModuleType:
-    """The module `distill.recipes.<name>`; a clear error lists the recipes that exist."""
-    found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
-    if name not in found:  # also keeps the config folders (recipes/digits/, ...) from passing as namespace modules
-        raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}")
-    return importlib.import_module(f"distill.recipes.{name}")
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in text:
@@ -432,9 +427,10 @@ def require_images(cfg: Config, key: str, why: str) -> None:
                           "images, encoded by the teacher pipeline's VAE)")
 
 
-def parse_config(data: dict) -> Config:
+def parse_config(data: dict, recipe_schema: Callable[[str], type[Section]]) -> Config:
     """Validate a raw mapping (a parsed YAML file plus overrides) into a Config: types, ranges, choices and the
-    relations between keys, no file read. The files the config names are checked by
+    relations between keys, no file read. `recipe_schema(name)` is the `Config` of recipe `name` (a ConfigError
+    naming `recipe.name` when there is none). The files the config names are checked by
     `distill.training.preflight.build_config`, which calls this first."""
     data = dict(data or {})
     recipe_data = data.pop("recipe", None)
@@ -444,13 +440,13 @@ def parse_config(data: dict) -> Config:
     name = recipe_data.pop("name")
     if not isinstance(name, str):
         raise ConfigError(f"recipe.name: expected a string, got {name!r}")
-    module = recipe_module(name)
+    schema = recipe_schema(name)
     for reserved in ("recipe", "recipe_name"):
         if reserved in data:
             raise ConfigError(f"unknown config key {reserved}; the recipe section is `recipe:` with a `name`")
     cfg = validate_section(Config, data)
     cfg.recipe_name = name
-    cfg.recipe = validate_section(module.Config, recipe_data, "recipe")
+    cfg.recipe = validate_section(schema, recipe_data, "recipe")
     return cfg
 
 

@@ -28,7 +28,23 @@ import time
 
 import torch
 
-from distill.evaluation.t2i_eval import BadInput, CallSettings, add_device_args, call_settings, exported_extra, exported_guidance, format_table, load_pipeline, read_prompts, run_script, script_parser, student_meta, torch_dtype, trained_steps, write_json
+from distill.evaluation.t2i_eval import (
+    BadInput,
+    CallSettings,
+    add_device_args,
+    call_settings,
+    exported_extra,
+    exported_guidance,
+    format_table,
+    load_pipeline,
+    read_prompts,
+    run_script,
+    script_parser,
+    student_meta,
+    torch_dtype,
+    trained_steps,
+    write_json,
+)
 
 
 def timed_calls(pipe, prompts: list[str], settings: CallSettings, warmup: int, repeats: int, seed: int,

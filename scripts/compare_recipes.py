@@ -6,7 +6,7 @@ multi-step recipes run their own k-step training; Phased DMD gets k phases) for 
 then scored at its trained step count. Samples are the EMA student's own k-step rollout (`recipe.generate`,
 which the export tests show equals its exported pipeline called with `num_inference_steps=k`), 898 images, labels
 0..9 in turn, fixed noise. Figures: FD-digits, classifier accuracy, precision and recall
-(`distill.evaluation.metrics.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of the same
+(`distill.demo.digits_judge.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of the same
 class, averaged over classes) and training seconds. The real train half gives the reference row.
 
 Resumable: results live in `<out>/compare/results.json`, keyed by recipe, steps and budget; a measured entry is
@@ -34,14 +34,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+
+from distill.base.optional import exit_if_missing, require
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
-           (0, 110, 60), (200, 0, 200), (160, 120, 0), (0, 150, 150), (90, 90, 220), (240, 80, 120),
-           (100, 60, 20), (0, 0, 0), (255, 187, 120), (152, 223, 138), (174, 199, 232), (197, 176, 213),
-           (196, 156, 148), (247, 182, 210)]
 
 
 def digits_configs() -> dict[str, Path]:
@@ -71,9 +67,9 @@ def grid_name(name: str, steps: int, overrides: list[str]) -> str:
 
 def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
             overrides: list[str], grids: Path | None = None) -> dict:
-    from distill.training.preflight import load_config
     from distill.base.imaging import save_grid
     from distill.data.pairs import ensure_store
+    from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
 
     extra = [f"run.output_dir={workdir / f'{name}_{steps}'}", f"student.num_steps={steps}",
@@ -174,52 +170,45 @@ def legend_name(label: str) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
-               reference: float | None = None, size: tuple[int, int] = (800, 460)) -> Path:
-    """A small PNG line chart (PIL): one line per name, x = steps; `reference` is drawn as a grey line (the
-    floor); values far above the rest are marked at the top edge with their value (`y_range`)."""
+               reference: float | None = None) -> Path:
+    """A PNG line chart (matplotlib): one line per name, x = steps; `reference` is a grey dashed line (the floor);
+    values far above the rest are marked at the top edge with their value (`y_range`), one label row per point at
+    the same x (`offscale_rows`)."""
+    matplotlib = require("matplotlib", "scripts/compare_recipes.py (its charts)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = sorted(series)
-    legend = [legend_name(n) for n in names]
-    left, top, bottom = 48, 24, 32
-    measure_text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
-    right = 24 + int(max([measure_text(t) for t in legend] + [40]))  # the legend's width
-    w, h = max(size[0], left + 240 + right), max(size[1], top + bottom + 14 * len(names) + 8)
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    xs = sorted({x for pts in series.values() for x, _ in pts}) or [1]
     ys = [y for pts in series.values() for _, y in pts] + ([reference] if reference is not None else [])
     y_lo, y_hi = y_range(ys or [0.0, 1.0])
-    px = lambda x: left + (xs.index(x) / max(len(xs) - 1, 1)) * (w - left - right)  # noqa: E731
-    py = lambda y: top + (1 - (min(y, y_hi) - y_lo) / (y_hi - y_lo)) * (h - top - bottom)  # noqa: E731
     label_row = offscale_rows(series, y_hi)
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for x in xs:
-        draw.text((px(x) - 3, h - bottom + 4), str(int(x)), fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        y = y_lo + frac * (y_hi - y_lo)
-        draw.text((2, py(y) - 6), f"{y:.3g}", fill="black")
-    draw.text((left, 4), f"{title} ({ylabel} against steps)", fill="black")
+    xs = sorted({x for pts in series.values() for x, _ in pts}) or [1]
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     if reference is not None:
-        for x0 in range(left, w - right, 8):  # dashed
-            draw.line([(x0, py(reference)), (min(x0 + 4, w - right), py(reference))], fill=(150, 150, 150))
-        draw.text((left + 4, py(reference) - 12), f"real half B {reference:.3g}", fill=(110, 110, 110))
+        ax.axhline(reference, color="0.6", linestyle="--", linewidth=1)
+        ax.annotate(f"real half B {reference:.3g}", (xs[0], reference), textcoords="offset points", xytext=(4, 4),
+                    color="0.45", fontsize=8)
     for i, name in enumerate(names):
-        colour = COLOURS[i % len(COLOURS)]
+        colour = colours[i % len(colours)]
         pts = sorted(series[name])
-        coords = [(px(x), py(y)) for x, y in pts]
-        if len(coords) > 1:
-            draw.line(coords, fill=colour, width=2)
-        for (cx, cy), (x, y) in zip(coords, pts):
+        ax.plot([x for x, _ in pts], [min(y, y_hi) for _, y in pts], marker="o", markersize=4, linewidth=1.5,
+                color=colour, label=legend_name(name))
+        for x, y in pts:
             if y > y_hi:  # off-scale: a triangle at the top edge and the value, in a column per x
-                draw.polygon([(cx - 5, cy + 6), (cx + 5, cy + 6), (cx, cy - 2)], fill=colour)
-                text = f"{y:.3g}"
-                width = measure_text(text)
-                tx = cx + 7 if cx + 7 + width < w - right else cx - 7 - width  # left of it at the legend's edge
-                draw.text((tx, cy + 12 * label_row[name, x]), text, fill=colour)
-            else:
-                draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        draw.text((w - right + 8, top + 14 * i), legend[i], fill=colour)
+                ax.plot([x], [y_hi], marker="^", markersize=8, color=colour)
+                ax.annotate(f"{y:.3g}", (x, y_hi), textcoords="offset points", color=colour, fontsize=8,
+                            xytext=(7, -12 * (label_row[name, x] + 1)))
+    ax.set_xticks(xs)
+    ax.set_ylim(y_lo - 0.02 * (y_hi - y_lo), y_hi + 0.02 * (y_hi - y_lo))
+    ax.set_xlabel("steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} ({ylabel} against steps)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 
@@ -286,8 +275,8 @@ def run_in_parallel(cells: list[tuple[int, str, int]], total: int, jobs: int, ar
     script (one thread, its own --out under `tmp`); each child's entry and grid join `results` as it ends. Returns
     how many cells failed (each said with its log's last lines; the others go on)."""
     from distill.base.errors import ConfigError
-    from distill.training.preflight import load_config
     from distill.data.pairs import ensure_store
+    from distill.training.preflight import load_config
 
     for name in dict.fromkeys(name for _, name, _ in cells):  # shared pair stores: made here once, not raced for
         try:
@@ -348,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="cells measured at a time, each a child process on one thread (default 1: in this process)")
     args = ap.parse_args(argv)
+    exit_if_missing("matplotlib", "scripts/compare_recipes.py (its charts)")  # before hours of measuring
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected a count of 1 or more, got {args.jobs}")
     torch.set_num_threads(1)
     from distill.base.errors import ConfigError
-    from distill.evaluation.metrics import FDDigits
+    from distill.demo.digits_judge import FDDigits
     from distill.training.registry import recipe_configs
 
     try:

@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.evaluation.t2i_eval import BadInput, add_source_args, describe_prompts, format_table, prompts_from_args, run_script, script_parser, source_images, write_json
+from distill.evaluation.t2i_eval import (
+    BadInput,
+    add_source_args,
+    describe_prompts,
+    format_table,
+    prompts_from_args,
+    run_script,
+    script_parser,
+    source_images,
+    write_json,
+)
 
 #: (vision width, vision layers, patch) -> the name papers use
 CLIP_ARCHITECTURES = {(768, 12, 32): "ViT-B/32", (768, 12, 16): "ViT-B/16", (1024, 24, 14): "ViT-L/14",

@@ -39,7 +39,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.evaluation.t2i_eval import RESAMPLE, BadInput, add_source_args, center_crop_resize, describe_prompts, format_table, from_pil, image_files, load_rgb, prompts_from_args, run_script, script_parser, source_images, to_pil, write_json
+from distill.evaluation.t2i_eval import (
+    RESAMPLE,
+    BadInput,
+    add_source_args,
+    center_crop_resize,
+    describe_prompts,
+    format_table,
+    from_pil,
+    image_files,
+    load_rgb,
+    prompts_from_args,
+    run_script,
+    script_parser,
+    source_images,
+    to_pil,
+    write_json,
+)
 
 INCEPTION_SIZE = 299
 RESIZE = {

@@ -25,8 +25,8 @@ def main() -> None:
     from diffusers import DiffusionPipeline
     from tiny_pipelines import BUILDERS
 
-    from distill.models.denoiser import load_denoiser
     from distill.export.pipeline import export_pipeline
+    from distill.models.denoiser import load_denoiser
     from distill.models.schedules import student_from_teacher
 
     torch.set_num_threads(1)

@@ -71,10 +71,10 @@ def teacher_points(n: int, steps: int, seed: int) -> torch.Tensor:
 
 def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, workdir: Path,
                extra: list[str] = ()) -> tuple[dict, torch.Tensor]:
-    from distill.training.preflight import load_config
-    from distill.data.toy import toy_mixture
     from distill.data.pairs import ensure_store
+    from distill.data.toy import toy_mixture
     from distill.demo.toy_metrics import toy_report
+    from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
 
     overrides = [f"run.output_dir={workdir / name}", "trainer.progress_bar=false", "export.at_end=false",

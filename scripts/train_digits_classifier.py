@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from distill.data.digits import NUM_DIGIT_CLASSES, load_digits
-from distill.evaluation.metrics import CONFIG_NAME, DIGITS_CLASSIFIER_DIR, WEIGHTS_NAME, DigitsClassifier
+from distill.demo.digits_judge import DIGITS_CLASSIFIER_DIR, DigitsClassifier
+from distill.evaluation.metrics import CONFIG_NAME, WEIGHTS_NAME
 
 
 def stratified_split(

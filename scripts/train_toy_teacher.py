@@ -18,10 +18,10 @@ import torch
 from diffusers import CMStochasticIterativeScheduler
 from diffusers.training_utils import EMAModel
 
-from distill.models.denoiser import Denoiser
-from distill.families.toy import ToyFamily, ToyMLP
-from distill.parametrization import EDMProcess, add_noise
 from distill.data.toy import toy_mixture
+from distill.families.toy import ToyFamily, ToyMLP
+from distill.models.denoiser import Denoiser
+from distill.parametrization import EDMProcess, add_noise
 
 SIGMA_DATA = 0.5
 

@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import pytest
-
 from tiny import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from tiny import DIGITS_YAML, REPO, subprocess_env
 
-from distill.config import Config, OptimizerConfig, config_to_yaml, recipe_module
 from distill.base.errors import ConfigError
-from distill.training.preflight import build_config, load_config
 from distill.base.paths import resolve_path
+from distill.config import Config, OptimizerConfig, config_to_yaml
+from distill.training.preflight import build_config, load_config
+from distill.training.registry import recipe_module
 
 SHIPPED = sorted((REPO / "recipes").glob("*/*.yaml"))
 
@@ -77,11 +80,27 @@ def test_shipped_config_loads_and_validates(path, stand_ins):
             assert got == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_loads_by_name(path, stand_ins):
-    # `distill train digits/dmd2.yaml` works from any directory: bare names fall back to the shipped recipes.
+    # `distill train digits/dmd2.yaml` works from any directory: a name relative to recipes/ falls back to the
+    # shipped configs.
     overrides = stand_ins(path)
-    assert load_config(path.name, overrides) == load_config(path, overrides)
+    assert load_config(f"{path.parent.name}/{path.name}", overrides) == load_config(path, overrides)
+
+
+@pytest.mark.parametrize("old, new", [("dmd2_digits.yaml", "recipes/digits/dmd2.yaml"),
+                                      ("recipes/dmd2_text_flow.yaml", "recipes/text_flow/dmd2.yaml"),
+                                      ("fdistill_forward_kl_2step_toy.yaml", "recipes/toy/fdistill_forward_kl_2step.yaml")])
+def test_a_config_of_the_flat_layout_names_its_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"config file '{re.escape(old)}' does not exist; the shipped configs are "
+                                          f"grouped by target: {re.escape(Path(old).name)} is now {re.escape(new)}"):
+        load_config(old)
+    assert (REPO / new).is_file()
+
+
+def test_a_missing_config_that_never_shipped_says_only_that(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope_digits.yaml' does not exist$"):
+        load_config(tmp_path / "nope_digits.yaml")
 
 
 @pytest.mark.parametrize(

@@ -37,8 +37,8 @@ from pydantic import BaseModel
 from tiny import subprocess_env
 
 import distill.recipes
-from distill.config import Config, Section, validate_section
 from distill.base.errors import ConfigError
+from distill.config import Config, Section, validate_section
 from distill.training.preflight import build_config
 
 INTERNAL = ("recipe", "recipe_name")  # set by build_config from the `recipe:` section, not config keys

@@ -18,7 +18,7 @@ from tiny import REPO
 
 from distill import data
 from distill.data import digits
-from distill.config import recipe_module
+from distill.training.registry import recipe_module
 
 REAL_LOADER = sklearn.datasets.load_digits
 

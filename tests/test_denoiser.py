@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_unet
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
+from tiny import tiny_unet
 
-from distill.models.denoiser import Denoiser, load_denoiser
 from distill.families import family_for
+from distill.models.denoiser import Denoiser, load_denoiser
 from distill.parametrization import EDMProcess, VPProcess
 
 NUM_CLASS_EMBEDS = 11  # 10 classes + the null class (last row)

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.digits import load_digits
-from distill.evaluation.metrics import DIGITS_CLASSIFIER_DIR, PROTOCOL_COUNT, DigitsFeatureNet, FDDigits, check_images, fd_digits, load_digits_classifier
+from distill.demo.digits_judge import (
+    DIGITS_CLASSIFIER_DIR,
+    PROTOCOL_COUNT,
+    DigitsFeatureNet,
+    FDDigits,
+    fd_digits,
+    load_digits_classifier,
+)
+from distill.evaluation.metrics import check_images
 
 # Held-out accuracy of the shipped classifier is 0.9972 (358/359); this leaves room for BLAS differences only.
 MIN_TEST_ACCURACY = 0.99

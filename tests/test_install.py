@@ -5,8 +5,9 @@ Python puts the working directory first on `sys.path` for `python -m ...`, `pyth
 so a top-level folder that is a regular package (has an `__init__.py`) wins over an installed package of the same
 name. transformers 5 depends on Hugging Face's `kernels`, and the repository's `kernels/` once shadowed it:
 importing a UNet died with "cannot import name 'CUDAProperties' from 'kernels'". A folder without `__init__.py` is
-only a namespace portion, which yields to the installed package; `distill.kernels` and `distill.recipes` reach the
-top-level folders through symlinks in `distill/`.
+only a namespace portion, which yields to the installed package. The kernels and the recipes live in the package
+(`distill/kernels/`, `distill/recipes/`, where their imports point); the top-level `kernels` and `recipes` are links
+to them, the repository's stated layout.
 """
 
 from __future__ import annotations
@@ -51,19 +52,20 @@ def test_only_distill_is_a_regular_package_at_the_root():
     assert modules == [], f"top-level modules shadow installed ones of their name: {modules}"
 
 
-def test_kernels_and_recipes_are_reached_through_links():
-    """distill/kernels and distill/recipes are links to the top-level folders: a reader and a tool follow them,
-    and the source tree imports (uninstalled) the way it installs."""
+def test_kernels_and_recipes_live_in_the_package_and_the_top_level_links_to_them():
+    """distill/kernels and distill/recipes are real folders, so an import and every tool that follows imports lands
+    on the file itself; the top-level kernels/ and recipes/ of the stated layout are links to them. The source tree
+    imports (uninstalled) the way it installs."""
     for name in ("kernels", "recipes"):
-        link = REPO / "distill" / name
-        assert link.is_symlink(), f"distill/{name} should be a link to ../{name}"
-        assert os.readlink(link) == f"../{name}"
-        assert link.resolve() == (REPO / name).resolve()
+        folder, link = REPO / "distill" / name, REPO / name
+        assert folder.is_dir() and not folder.is_symlink(), f"distill/{name} should be the real folder"
+        assert link.is_symlink() and os.readlink(link) == f"distill/{name}", f"{name} should link to distill/{name}"
+        assert not (folder / "__init__.py").exists(), f"distill/{name} is a namespace subpackage (no __init__.py)"
     import distill.kernels.jvp_attention
     import distill.recipes.dmd2
 
-    assert Path(distill.kernels.jvp_attention.__file__).resolve() == REPO / "kernels" / "jvp_attention.py"
-    assert Path(distill.recipes.dmd2.__file__).resolve() == REPO / "recipes" / "dmd2.py"
+    assert Path(distill.kernels.jvp_attention.__file__) == REPO / "distill" / "kernels" / "jvp_attention.py"
+    assert Path(distill.recipes.dmd2.__file__) == REPO / "distill" / "recipes" / "dmd2.py"
 
 
 @pytest.mark.skipif(not _kernels_installed(), reason="Hugging Face's `kernels` is not installed here (the lock, "

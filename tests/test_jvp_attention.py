@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 from distill.kernels import jvp_attention as J
 from distill.kernels.jvp_attention_reference import attention_reference, jvp_closed_form, jvp_reference, math_path_jvp
 
+
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

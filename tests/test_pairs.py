@@ -18,11 +18,23 @@ from safetensors import safe_open
 from tiny import REPO, subprocess_env, tiny_overrides
 
 from distill.base.errors import ConfigError
-from distill.training.preflight import load_config
 from distill.data.digits import digits_split
+from distill.data.pairs import (
+    MANIFEST,
+    PairDataset,
+    PairsConfig,
+    PairStore,
+    RegressionConfig,
+    generate_from_config,
+    pseudo_huber_c,
+    read_manifest,
+    regression_loss,
+    shard_name,
+    shard_seed,
+)
 from distill.models.denoiser import load_denoiser
-from distill.data.pairs import MANIFEST, PairDataset, PairStore, PairsConfig, RegressionConfig, generate_from_config, pseudo_huber_c, read_manifest, regression_loss, shard_name, shard_seed
 from distill.models.sampling import sample
+from distill.training.preflight import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

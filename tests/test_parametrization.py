@@ -19,7 +19,29 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from distill.parametrization import PREDICTION_KINDS, EDMProcess, FlowProcess, TrigFlowProcess, VPProcess, add_noise, cm_scalings, convert, edm_scalings, edm_sigma, flow_dynamic_shift, flow_from_trigflow, flow_shift, flow_shift_mu, karras_sigmas, log_snr, ode_velocity, from_x0, to_x0, trigflow_from_flow, vp_timesteps
+from distill.parametrization import (
+    PREDICTION_KINDS,
+    EDMProcess,
+    FlowProcess,
+    TrigFlowProcess,
+    VPProcess,
+    add_noise,
+    cm_scalings,
+    convert,
+    edm_scalings,
+    edm_sigma,
+    flow_dynamic_shift,
+    flow_from_trigflow,
+    flow_shift,
+    flow_shift_mu,
+    from_x0,
+    karras_sigmas,
+    log_snr,
+    ode_velocity,
+    to_x0,
+    trigflow_from_flow,
+    vp_timesteps,
+)
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-9, "atol": 1e-9}

@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
+from tiny import tiny_unet
 
 from distill.models.denoiser import Denoiser
-from distill.parametrization import EDMProcess, FlowProcess, TrigFlowProcess, VPProcess
 from distill.models.sampling import dpm_solver_2m, sample, unit_grid
+from distill.parametrization import EDMProcess, FlowProcess, TrigFlowProcess, VPProcess
 
 F64 = torch.float64
 D = 16

@@ -16,7 +16,16 @@ from scipy import linalg
 from tiny import REPO
 from tiny_pipelines import PROMPTS, build_clip, build_sd15, stand_in_features
 
-from distill.evaluation.t2i_eval import BadInput, call_settings, center_crop_resize, from_pil, generate, load_pipeline, read_prompts, uint8_images
+from distill.evaluation.t2i_eval import (
+    BadInput,
+    call_settings,
+    center_crop_resize,
+    from_pil,
+    generate,
+    load_pipeline,
+    read_prompts,
+    uint8_images,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

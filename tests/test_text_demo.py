@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from tiny import NO_DISTILL, subprocess_env
 
-from distill.cli import DEMO_CONFIG, main
 from distill.base.paths import ASSETS
-from distill.training.preflight import load_config
+from distill.cli import DEMO_CONFIG, main
 from distill.demo.shapes import CAPTIONS
+from distill.training.preflight import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,9 +144,9 @@ def test_text_demo_trains_exports_scores_and_reloads(task, tmp_path, capsys):
 
     # The student the trainer exported, through distill's own sampler: the same one step from the same noise, the
     # prompts encoded by the teacher's pipeline as its call encodes them.
+    from distill.families.target import teacher_target
     from distill.models.denoiser import load_denoiser
     from distill.models.schedules import rollout, student_schedule
-    from distill.families.target import teacher_target
 
     student = load_denoiser(folder, resolution=24)
     target, _, _ = teacher_target(teacher_folder)

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.base.paths import ASSETS
 from distill.demo.shapes import ATTRIBUTES, RESOLUTION, SPLITS, attributes_of, shapes_split
 from distill.evaluation.metrics import ClassifierFeatureNet, ConvClassifier, FrechetJudge, load_classifier
 
-SHAPES_JUDGE_DIR = Path(__file__).parent / "assets" / "shapes_judge"
+SHAPES_JUDGE_DIR = ASSETS / "shapes_judge"
 #: the protocol count: 20 images per caption, the size of the reference split
 JUDGE_COUNT = SPLITS["reference"]
 #: logits per attribute, in the order of an attribute row (shape, colour, position)

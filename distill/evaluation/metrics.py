@@ -1,20 +1,7 @@
-"""FD-digits: a Fréchet distance in the feature space of a small digits classifier, and that classifier.
-
-FD-digits is NOT Inception FID. It uses the 64 penultimate features of a ~50k-parameter CNN trained on
-scikit-learn's 1,797 digits at 16x16 (shipped in `distill/assets/digits_classifier/`, trained by
-`scripts/train_digits_classifier.py`), not Inception-v3 pool3 features of 299x299 photographs. Its values
-are on a different scale and must never be compared with, or reported as, FIDs from papers.
-
-Protocol (see docs/fd_digits.md): `split_halves(1797, seed=0)` gives half A (899 real images), the reference
-set, and half B (898 real images). A figure is computed from exactly 898 images against half A; the floor is
-half B against half A ("real against real at the same count"). Fréchet distances are biased by the sample
-count, so only figures at that count against that reference are comparable, and the floor goes beside them.
-
-    judge = FDDigits(resolution=16)
-    judge.floor()                      # real vs real at the protocol count
-    judge(generated)                   # (898, 1, 16, 16) floats in [-1, 1]
-    judge.accuracy(generated, labels)  # for class-conditional students
-"""
+"""What every judge of generated images shares: a small convolutional classifier and its loader, the Fréchet
+distance of its features, improved precision and recall (k-NN manifolds), and `FrechetJudge`, which puts them
+together for a fixed reference set. The digits judge (FD-digits) and the shapes judge are demo fixtures built on
+it (`distill/demo/digits_judge.py`, `distill/demo/shapes_judge.py`)."""
 
 from __future__ import annotations
 
@@ -26,15 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.data.digits import NUM_DIGIT_CLASSES, digits_split
-
-DIGITS_CLASSIFIER_DIR = Path(__file__).parent / "assets" / "digits_classifier"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-# The protocol: reference = half A of split_halves(1797, seed=0) (899 images); figures use 898 images.
-NUM_DIGITS = 1797
-PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
 PR_NEIGHBOURS = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
 
 
@@ -76,15 +57,6 @@ class ConvClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-class DigitsClassifier(ConvClassifier):
-    """The FD-digits classifier: a `ConvClassifier` for (N, 1, 16, 16) digits with 10 classes.
-    The constructor arguments are exactly what `config.json` stores."""
-
-    def __init__(self, resolution: int = 16, channels: tuple[int, int] = (16, 32), num_features: int = 64,
-                 num_classes: int = NUM_DIGIT_CLASSES, dropout: float = 0.2) -> None:
-        super().__init__(1, resolution, channels, num_features, num_classes, dropout)
-
-
 def load_classifier(folder: Path, build, what: str, script: str, tuple_keys: tuple[str, ...] = ("channels",)) -> nn.Module:
     """A judge's classifier from `folder` (`config.json`: the constructor arguments of `build`; `model.safetensors`),
     in eval mode, loaded with safetensors only; a missing or malformed file is an error naming it and `script`."""
@@ -112,12 +84,6 @@ def load_classifier(folder: Path, build, what: str, script: str, tuple_keys: tup
     except RuntimeError as err:
         raise ValueError(f"weights {weights_file} do not match config {config_file}: {err}") from err
     return model.eval()
-
-
-def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
-    """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
-    folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
-    return load_classifier(folder, DigitsClassifier, "digits classifier", "scripts/train_digits_classifier.py")
 
 
 class ClassifierFeatureNet(nn.Module):
@@ -148,13 +114,6 @@ class ClassifierFeatureNet(nn.Module):
         return self.classifier.features(images.float()).double()
 
 
-class DigitsFeatureNet(ClassifierFeatureNet):
-    """`ClassifierFeatureNet` of the digits classifier (the shipped one unless given): FD-digits' features."""
-
-    def __init__(self, classifier: DigitsClassifier | None = None) -> None:
-        super().__init__(classifier if classifier is not None else load_digits_classifier())
-
-
 def check_images(images: torch.Tensor, resolution: int = 16, count: int | None = None, channels: int = 1) -> None:
     """Raise ValueError unless `images` is a float tensor of shape (count or any, channels, resolution, resolution)."""
     expected = f"({count if count is not None else 'N'}, {channels}, {resolution}, {resolution})"
@@ -171,7 +130,7 @@ def check_images(images: torch.Tensor, resolution: int = 16, count: int | None =
         raise ValueError("images contain NaN or inf")
 
 
-def _frechet_distance(
+def frechet_distance(
     feature_net: ClassifierFeatureNet, images: torch.Tensor, reference: torch.Tensor, batch_size: int
 ) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -182,33 +141,6 @@ def _frechet_distance(
     for start in range(0, len(images), batch_size):
         fid.update(images[start : start + batch_size], real=False)
     return float(fid.compute())
-
-
-def fd_digits(
-    images: torch.Tensor,
-    reference: torch.Tensor,
-    batch_size: int = 512,
-    feature_net: DigitsFeatureNet | None = None,
-) -> float:
-    """FD-digits (NOT Inception FID) between two sets of (N, 1, 16, 16) float images in [-1, 1], any counts >= 2.
-
-    Images are clamped to [-1, 1] (as saving to PNG would). This is the raw distance with no protocol: figures
-    are only comparable at the same count against the same reference, so prefer `FDDigits` for reporting.
-    """
-    feature_net = feature_net if feature_net is not None else DigitsFeatureNet()
-    device = next(feature_net.parameters()).device
-    for name, x in (("images", images), ("reference", reference)):
-        check_images(x, feature_net.resolution)
-        if len(x) < 2:
-            raise ValueError(f"{name} needs at least 2 images for a covariance, got shape {tuple(x.shape)}")
-    images, reference = (x.to(device).clamp(-1.0, 1.0) for x in (images, reference))
-    return _frechet_distance(feature_net, images, reference, batch_size)
-
-
-def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0); half B is
-    also the train half of every digits training path (`distill.data.digits.digits_split`)."""
-    return digits_split("reference", resolution)[0], digits_split("train", resolution)[0]
 
 
 def knn_radii(features: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -326,50 +258,3 @@ class FrechetJudge:
         return self._floor_pr
 
 
-class FDDigits(FrechetJudge):
-    """The FD-digits judge (NOT Inception FID; not comparable to paper FIDs).
-
-    Reference: half A (899 real digits). `judge(images)` needs exactly `judge.count` = 898 images so every
-    figure has the same sample-count bias as `judge.floor()` (half B against half A); any other count raises.
-    """
-
-    def __init__(
-        self,
-        resolution: int = 16,
-        classifier: DigitsClassifier | None = None,
-        batch_size: int = 512,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        feature_net = DigitsFeatureNet(classifier)
-        if resolution != feature_net.resolution:
-            raise ValueError(
-                f"FD-digits classifier works at resolution {feature_net.resolution}, got resolution={resolution}"
-            )
-        super().__init__(feature_net, *protocol_halves(resolution), batch_size=batch_size, device=device)
-
-    def report(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        """FD-digits, precision, recall and (with `labels`) classifier accuracy of `self.count` images."""
-        precision, recall = self.precision_recall(images)
-        out = {"fd_digits": self(images), "precision": precision, "recall": recall}
-        if labels is not None:
-            out["accuracy"] = self.accuracy(images, labels).accuracy
-        return out
-
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> ClassifierScore:
-        """How often the classifier recognises the intended `labels` in (N, 1, 16, 16) images (any N)."""
-        self.check(images)
-        labels = torch.as_tensor(labels, dtype=torch.int64)
-        if tuple(labels.shape) != (len(images),):
-            raise ValueError(f"expected labels of shape ({len(images)},), got {tuple(labels.shape)}")
-        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < NUM_DIGIT_CLASSES):
-            low, high = int(labels.min()), int(labels.max())
-            raise ValueError(f"labels must be in [0, {NUM_DIGIT_CLASSES}), got range [{low}, {high}]")
-        probs = self.logits(images).softmax(dim=-1)
-        correct = (probs.argmax(dim=-1) == labels).double().mean()
-        confidence = probs.gather(1, labels[:, None]).double().mean()
-        return ClassifierScore(accuracy=float(correct), confidence=float(confidence))
-
-
-def fd_digits_floor(resolution: int = 16) -> float:
-    """The protocol floor: FD-digits of half B (898 real images) against half A (899)."""
-    return FDDigits(resolution=resolution).floor()

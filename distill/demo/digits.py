@@ -54,7 +54,7 @@ def compare_teacher_student(cfg: Config, pipeline_dir: str | Path, out_dir: str 
     """FD-digits and accuracy for the teacher (`teacher_steps`) and the exported student; writes
     `<out_dir>/teacher_vs_student.png` and `<out_dir>/metrics.json`; returns a printable report."""
     from distill.base.imaging import save_grid
-    from distill.evaluation.metrics import FDDigits
+    from distill.demo.digits_judge import FDDigits
 
     out_dir = Path(out_dir)
     judge = FDDigits(resolution=cfg.data.resolution)
