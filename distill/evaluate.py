@@ -16,7 +16,7 @@ Inception FID (docs/fd_digits.md, docs/text_to_image.md); the Inception FID, CLI
 text-to-image students are scripts/eval_fid.py, eval_clip.py and bench_speed.py.
 """
 # This module sits at the top of the package beside `distill.cli` (which registers it with `add_eval_parser`): it
-# reads both the digits evaluation (`distill.evaluation`) and the text one (`distill.demo`).
+# reads the judges and comparisons of the bundled teachers (`distill.demo`) and the shared metrics (`distill.evaluation`).
 
 from __future__ import annotations
 
