@@ -18,6 +18,8 @@ BACKEND = "interpret" if J._HAS_TRITON else "torch"
 def triton_interpreter(monkeypatch):
     """Run the Triton kernel under the CPU interpreter (undone after each test)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 B = 2
 
 

@@ -152,7 +152,6 @@ def test_design_doc_draws_the_stages():
         f"docs/design.md draws the stages {names}; the package's are {STAGES[::-1]} (top first)")
 
 
-
 def stage_arrows(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
     """The stage-to-stage imports, less those implied by others (the transitive reduction of an acyclic graph,
     which is unique): the arrows docs/design.md draws."""

@@ -96,6 +96,7 @@ PROCESSES = {
     "edm": (_edm, lambda g, n: torch.exp(math.log(0.01) + math.log(8000.0) * torch.rand(n, 1, generator=g, dtype=F64))),
 }
 
+
 def _kw(name: str) -> dict:
     """Constants the conversions take for this process (TrigFlow and EDM carry sigma_d = 0.5)."""
     return {"sigma_data": SIGMA_DATA if name in ("trigflow", "edm") else 1.0, "sigma_min": SIGMA_MIN}

@@ -31,8 +31,10 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
         raise ValueError(f"condition keys differ: {sorted(a)} vs {sorted(b)}")
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
+
 def repeat_condition(cond: Condition, n: int) -> Condition:
     return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
 
 def index_condition(cond: Condition, index: Any) -> Condition:
     return {k: v[index] for k, v in cond.items()}

@@ -18,6 +18,7 @@ def read_prompts(path: Path) -> list[str]:
         raise ValueError(f"data.prompts: {str(path)!r} holds no prompt (one per line)")
     return prompts
 
+
 def cached_embeddings(folder: Path, target: Target, prompts: list[str], resolution: int, cache_dir: Path,
                       device: torch.device) -> tuple[Condition, Condition]:
     """(conditions of `prompts`, condition of the empty prompt), from `cache_dir` when computed before.
@@ -49,6 +50,7 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
     cond = {k[5:]: v for k, v in flat.items() if k.startswith("cond.")}
     null = {k[5:]: v for k, v in flat.items() if k.startswith("null.")}
     return cond, null
+
 
 class PromptDataset:
     """Prompts (or DiT class indices) as cached conditions; image-free (DMD2 needs no real images without GAN).

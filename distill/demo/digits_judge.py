@@ -41,6 +41,7 @@ NUM_DIGITS = 1797
 
 PROTOCOL_COUNT = NUM_DIGITS // 2  # 898, the size of half B
 
+
 class DigitsClassifier(ConvClassifier):
     """The FD-digits classifier: a `ConvClassifier` for (N, 1, 16, 16) digits with 10 classes.
     The constructor arguments are exactly what `config.json` stores."""
@@ -49,16 +50,19 @@ class DigitsClassifier(ConvClassifier):
                  num_classes: int = NUM_DIGIT_CLASSES, dropout: float = 0.2) -> None:
         super().__init__(1, resolution, channels, num_features, num_classes, dropout)
 
+
 def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
     """The shipped digits classifier (or the one in folder `path`), in eval mode, loaded with safetensors only."""
     folder = Path(path) if path is not None else DIGITS_CLASSIFIER_DIR
     return load_classifier(folder, DigitsClassifier, "digits classifier", "scripts/train_digits_classifier.py")
+
 
 class DigitsFeatureNet(ClassifierFeatureNet):
     """`ClassifierFeatureNet` of the digits classifier (the shipped one unless given): FD-digits' features."""
 
     def __init__(self, classifier: DigitsClassifier | None = None) -> None:
         super().__init__(classifier if classifier is not None else load_digits_classifier())
+
 
 def fd_digits(
     images: torch.Tensor,
@@ -80,10 +84,12 @@ def fd_digits(
     images, reference = (x.to(device).clamp(-1.0, 1.0) for x in (images, reference))
     return frechet_distance(feature_net, images, reference, batch_size)
 
+
 def protocol_halves(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference, held_out): half A (899 real images) and half B (898) of split_halves(1797, seed=0); half B is
     also the train half of every digits training path (`distill.data.digits.digits_split`)."""
     return digits_split("reference", resolution)[0], digits_split("train", resolution)[0]
+
 
 class FDDigits(FrechetJudge):
     """The FD-digits judge (NOT Inception FID; not comparable to paper FIDs).
@@ -127,6 +133,7 @@ class FDDigits(FrechetJudge):
         correct = (probs.argmax(dim=-1) == labels).double().mean()
         confidence = probs.gather(1, labels[:, None]).double().mean()
         return ClassifierScore(accuracy=float(correct), confidence=float(confidence))
+
 
 def fd_digits_floor(resolution: int = 16) -> float:
     """The protocol floor: FD-digits of half B (898 real images) against half A (899)."""

@@ -103,7 +103,6 @@ class ShapesJudge(FrechetJudge):
                 "recall": recall}
 
 
-
 class ShapesFeatures(nn.Module):
     """The judge's 64 features of uint8 images (N, 3, 24, 24), mapped to [-1, 1] as the judge reads them: the
     `--feature-module` contract of scripts/eval_fid.py."""

@@ -53,6 +53,7 @@ def check_custom_timesteps(cfg: Any, timesteps: list[int] | None, key: str = "re
                           f"{target.pipeline} student samples the trailing timesteps of num_inference_steps "
                           "(set it to null)")
 
+
 def check_expert_export(folder: Path, prediction: str | None, key: str = "recipe.name") -> None:
     """Refuse, when the config is loaded, an expert-per-step student (Phased DMD) of a latent family whose stock
     pipeline has no `callback_on_step_end`, through which :data:`LATENT_EXPERT_LOOP` switches experts."""

@@ -90,6 +90,7 @@ class NoisingSchedule:
 
         return unpack(torch.randn_like(pack(x0)), *x0.shape[-2:])
 
+
 def student_times(target: Target, scheduler_config: dict, num_steps: int, image_seq_len: int) -> Tensor:
     scheduler = target.scheduler(scheduler_config, num_steps)
     target.set_timesteps(scheduler, num_steps, image_seq_len)
@@ -103,6 +104,7 @@ def cm_scheduler(process: EDMProcess):
         sigma_min=process.sigma_min, sigma_max=process.sigma_max, sigma_data=process.sigma_data, rho=process.rho
     )
 
+
 def latent_target(student: Denoiser):
     """The export target (distill.families.target) of a latent family's student loaded from a pipeline folder; None
     for a pixel family's (UNet2DModel, ToyMLP: no latent target)."""
@@ -111,6 +113,7 @@ def latent_target(student: Denoiser):
         return None
     return target_for(src["network_config"], src["scheduler_config"], student.prediction,
                       pipeline_class(Path(src["folder"])))
+
 
 def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | None = None):
     """The schedule of `student`'s export target for `num_steps` steps.
@@ -144,6 +147,7 @@ def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | N
         f"no export target yet for a {type(student.model).__name__} student with {type(student.process).__name__} "
         f"and prediction {student.prediction!r}")
 
+
 def rollout(
     student: torch.nn.Module,
     schedule: StudentSchedule,
@@ -164,6 +168,7 @@ def rollout(
             x0 = x0.clamp(-1, 1)
     return x0
 
+
 @torch.no_grad()
 def step_input(student: torch.nn.Module, schedule: StudentSchedule, cond: Condition, noise: Tensor, i: int) -> Tensor:
     """The input of student step `i` as the pipeline makes it: the start for i = 0, else the student's own
@@ -173,9 +178,11 @@ def step_input(student: torch.nn.Module, schedule: StudentSchedule, cond: Condit
     x0_prev = rollout(student, schedule, cond, noise, steps=i)
     return schedule.renoise(x0_prev, i, schedule.noise_like(x0_prev))
 
+
 def student_prediction(teacher: Denoiser) -> str:
     """The output kind of a student of `teacher` under its export target (EDM teacher -> "cm")."""
     return "cm" if isinstance(teacher.process, EDMProcess) else teacher.prediction
+
 
 def student_from_teacher(teacher: Denoiser) -> Denoiser:
     """A trainable copy of the teacher whose output kind is the export target's (EDM teacher -> "cm")."""

@@ -21,11 +21,8 @@ from distill.training.files import check_checkpoint
 logger = logging.getLogger("distill")
 
 CHECKPOINT_DIR = "checkpoints"
-
 CHECKPOINT_PREFIX = "step-"
-
 TMP_PREFIX = ".tmp-"
-
 STATE_FILE = "trainer_state.json"
 
 
@@ -36,6 +33,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
