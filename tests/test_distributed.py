@@ -87,6 +87,23 @@ def test_ddp_resume_keeps_ranks_in_sync(ddp_run):
     assert any(not torch.equal(step4[k], ddp_run["step2"]["model.safetensors"][k]) for k in step4)
 
 
+
+def test_a_two_process_checkpoint_resumes_on_one_process_and_says_so(ddp_run, tmp_path):
+    """The checkpoint of the 2-process run, resumed by one process: it trains on, and the log says that the global
+    batch changed (8 -> 4 samples per update), instead of changing it silently."""
+    run = ddp_run["run"]
+    ckpt = run / "checkpoints" / "step-00000004"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    cmd = [sys.executable, "-m", "distill.cli", "train", str(DIGITS_YAML),
+           *tiny_overrides(ddp_run["teacher"], tmp_path, "run.max_steps=5", "trainer.checkpoint_every=5",
+                           "trainer.ema_decay=0.9", f"trainer.resume={ckpt}")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 1 process(es); it was written by 2: the global batch changes from 8 to 4 samples" in proc.stderr
+    state = json.loads((tmp_path / "checkpoints" / "step-00000005" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["world_size"] == 1 and state["global_batch"] == 4
+
+
 def test_ddp_with_one_base_in_memory(tiny_teacher, tmp_path):
     """Student and fake score as adapters on one frozen base, each wrapped by DDP on its own (the base is in
     neither wrapper): both ranks end with the same adapters, GAN head and EMA, and the adapters trained."""

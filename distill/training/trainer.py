@@ -214,7 +214,8 @@ class Trainer:
     # -- checkpoints (distill.training.checkpoints) ---------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
-                 "consecutive_nonfinite": dict(self._consecutive_nonfinite)}
+                 "consecutive_nonfinite": dict(self._consecutive_nonfinite),
+                 "world_size": self.accelerator.num_processes, "global_batch": self.global_batch()}
         return checkpoints.save_checkpoint(self.accelerator, self.run_dir, self.step, state,
                                            keep=self.cfg.trainer.keep_checkpoints)
 
@@ -225,6 +226,18 @@ class Trainer:
         consecutive = state.get("consecutive_nonfinite")
         self._consecutive_nonfinite = dict(consecutive) if isinstance(consecutive, dict) else {}
         logger.info("resumed from %s at step %d", path, self.step)
+        written_by = state.get("world_size")  # absent in checkpoints written before it was recorded
+        if written_by is not None and written_by != self.accelerator.num_processes:
+            logger.warning(
+                "resumed %s on %d process(es); it was written by %d: the global batch changes from %s to %d samples "
+                "per update (data.batch_size %d x trainer.gradient_accumulation_steps %d x processes; set one of them "
+                "to keep it), and each process draws its own data and noise from here on", path,
+                self.accelerator.num_processes, written_by, state.get("global_batch", "?"), self.global_batch(),
+                self.cfg.data.batch_size, self.cfg.trainer.gradient_accumulation_steps)
+
+    def global_batch(self) -> int:
+        """Samples per update over all processes."""
+        return self.cfg.data.batch_size * self.cfg.trainer.gradient_accumulation_steps * self.accelerator.num_processes
 
     def maybe_resume(self) -> None:
         ckpt = checkpoints.resume_checkpoint(self.run_dir, self.cfg.trainer.resume)
