@@ -133,3 +133,25 @@ def test_ddp_with_gradient_accumulation(tiny_teacher, tmp_path):
         assert r0[net], f"rank 0 dumped no {net}"
         differ = [k for k in r0[net] if not torch.equal(r0[net][k], r1[net][k])]
         assert not differ, f"{net} differs between ranks: {differ[:3]}"
+
+
+def test_ddp_encodes_the_prompts_once(tmp_path):
+    """Two processes on a text teacher: the main process encodes the prompts and writes the cache, the other
+    process reads that file (no rank encodes them again, and no two ranks write one temporary file)."""
+    import yaml
+    from tiny_pipelines import BUILDERS, PROMPTS, write_prompts
+
+    teacher = BUILDERS["sd15"](tmp_path / "sd15")
+    cache = tmp_path / "cache"
+    cfg = {"recipe": {"name": "dmd2"}, "teacher": {"path": str(teacher)},
+           "run": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+           "data": {"name": "prompts", "prompts": str(write_prompts(tmp_path / "prompts.txt")),
+                    "cache_dir": str(cache), "resolution": 16, "batch_size": 2},
+           "trainer": {"progress_bar": False, "checkpoint_every": 0, "sample_every": 0}, "export": {"at_end": False}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch("-m", "distill.cli", "train", str(tmp_path / "config.yaml"))
+    log = proc.stdout + proc.stderr
+    assert log.count(f"prompt embeddings: encoded {len(PROMPTS)} prompts") == 1, log[-3000:]
+    assert log.count(f"prompt embeddings: read {len(PROMPTS)} prompts") == 1, log[-3000:]
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and files[0].startswith("prompts-") and files[0].endswith(".safetensors"), files

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def cached_latents(folder: Path, files: list[Path], resolution: int, cache_dir: 
     if not torch.isfinite(latents).all():
         raise FloatingPointError(f"data.images: the VAE of {str(folder)!r} gave non-finite latents")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".tmp-{file.name}")
+    tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")  # one per process: a shared cache never mixes writers
     save_file({"latents": latents.contiguous()}, tmp)
     tmp.replace(file)
     return latents

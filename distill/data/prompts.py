@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 from distill.base.batch import Batch, Condition
 from distill.families.target import Target, teacher_target
+
+logger = logging.getLogger("distill")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -37,6 +41,7 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
     file = cache_dir / f"prompts-{h.hexdigest()[:20]}.safetensors"
     if file.is_file():
         flat = load_file(file)
+        logger.info("prompt embeddings: read %d prompts from %s", len(prompts), file)
     else:
         pipe = None if target.class_conditional else target.load_text_pipeline(folder).to(device)
         cond = target.encode(pipe, prompts, resolution, device)
@@ -44,9 +49,11 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
         flat = {f"cond.{k}": v.detach().cpu().contiguous() for k, v in cond.items()}
         flat.update({f"null.{k}": v.detach().cpu().contiguous() for k, v in null.items()})
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".tmp-{file.name}")
+        tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")  # one per process: a shared cache never mixes writers
         save_file(flat, tmp)
         tmp.replace(file)
+        logger.info("prompt embeddings: encoded %d prompts with the pipeline's text encoders into %s", len(prompts),
+                    file)
     cond = {k[5:]: v for k, v in flat.items() if k.startswith("cond.")}
     null = {k[5:]: v for k, v in flat.items() if k.startswith("null.")}
     return cond, null

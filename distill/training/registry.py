@@ -10,9 +10,11 @@ dataset (a pair store) sets `recipe.dataset`; the trainer then draws its batches
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
@@ -30,16 +32,20 @@ def recipe_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"distill.recipes.{name}")
 
 
-def build_recipe(cfg: Config, device: torch.device) -> tuple[Recipe, object]:
+def build_recipe(cfg: Config, device: torch.device,
+                 main_process_first: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[Recipe, object]:
     """Load the teacher and data named by `cfg` and build its recipe, its trained networks on `device`; returns
-    (recipe, the dataset to train on)."""
+    (recipe, the dataset to train on). The data set is made inside `main_process_first()` (the trainer passes
+    accelerate's): what it caches (prompt embeddings, image latents) is computed once, by the main process, and the
+    other processes read the cache it wrote."""
     from distill.data import make_dataset
     from distill.models.denoiser import load_denoiser
 
     teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction,
                             resolution=cfg.data.resolution)
     teacher.to(device)
-    dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
+    with main_process_first():
+        dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
     null = getattr(dataset, "null_condition", None)
     if null:  # text families: guidance's unconditional half is the pipeline's empty prompt
         teacher.family.set_null_embeddings(null)

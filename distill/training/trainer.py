@@ -47,7 +47,7 @@ class Trainer:
 
         from distill.training.registry import build_recipe
 
-        self.recipe, self.dataset = build_recipe(cfg, acc.device)
+        self.recipe, self.dataset = build_recipe(cfg, acc.device, acc.main_process_first)
         if cfg.trainer.sample_every and getattr(self.dataset, "latent", False):
             raise ConfigError("trainer.sample_every: sample grids are drawn for pixel-space teachers; this teacher "
                               f"samples VAE latents {tuple(self.dataset.image_shape)}. Set trainer.sample_every=0 "
