@@ -22,12 +22,11 @@ from distill.parametrization import EDMProcess
 
 
 @dataclass(frozen=True)
-class StudentSchedule:
-    """Native times a k-step student visits and its re-noising rule between steps (the exported sampler's)."""
+class KStepSchedule:
+    """What every k-step student sampler shares: the native times it visits, noisiest first; the subclasses add
+    where step 0 starts and how step i >= 1 re-noises the previous step's x0 (the exported scheduler's rule)."""
 
     times: Tensor  # (k,), noisiest first
-    sigma_min: float
-    clip_x0: bool = True
 
     @property
     def num_steps(self) -> int:
@@ -35,6 +34,14 @@ class StudentSchedule:
 
     def t(self, i: int, n: int, device: torch.device) -> Tensor:
         return self.times[i].to(device).expand(n)
+
+
+@dataclass(frozen=True)
+class StudentSchedule(KStepSchedule):
+    """The pixel UNet2DModel's sampler: ConsistencyModelPipeline's CMStochasticIterativeScheduler."""
+
+    sigma_min: float
+    clip_x0: bool = True
 
     def start(self, noise: Tensor) -> Tensor:
         """The input of step 0 (CMStochasticIterativeScheduler: init_noise_sigma = sigma_max)."""
@@ -54,21 +61,13 @@ class StudentSchedule:
 
 
 @dataclass(frozen=True)
-class NoisingSchedule:
-    """A k-step student sampler of the targets above: step 0 starts from pure noise (init_noise_sigma = 1),
-    step i >= 1 from alpha(t_i) x0 + sigma(t_i) noise, x0 the previous step's output (not clipped: latents)."""
+class NoisingSchedule(KStepSchedule):
+    """The latent families' sampler: step 0 starts from pure noise (init_noise_sigma = 1), step i >= 1 from
+    alpha(t_i) x0 + sigma(t_i) noise, x0 the previous step's output (not clipped: latents)."""
 
-    times: Tensor  # (k,) native times, noisiest first
     process: Any
     clip_x0: bool = False
     packed: bool = False  # Flux: the pipeline's latents (and its step's noise) are 2x2-patch tokens
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.times.shape[0])
-
-    def t(self, i: int, n: int, device: torch.device) -> Tensor:
-        return self.times[i].to(device).expand(n)
 
     def start(self, noise: Tensor) -> Tensor:
         return noise
@@ -150,7 +149,7 @@ def student_schedule(student: Denoiser, num_steps: int, timesteps: list[int] | N
 
 def rollout(
     student: torch.nn.Module,
-    schedule: StudentSchedule,
+    schedule: KStepSchedule,
     cond: Condition,
     noise: Tensor,
     steps: int | None = None,
@@ -170,7 +169,7 @@ def rollout(
 
 
 @torch.no_grad()
-def step_input(student: torch.nn.Module, schedule: StudentSchedule, cond: Condition, noise: Tensor, i: int) -> Tensor:
+def step_input(student: torch.nn.Module, schedule: KStepSchedule, cond: Condition, noise: Tensor, i: int) -> Tensor:
     """The input of student step `i` as the pipeline makes it: the start for i = 0, else the student's own
     i-step rollout re-noised to step i's level (backward simulation, DMD2 sec. 4.4); no gradient."""
     if i == 0:

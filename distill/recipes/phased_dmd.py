@@ -57,7 +57,7 @@ from distill.config import Section, require
 from distill.export.checks import check_expert_export
 from distill.export.pipeline import export_experts
 from distill.models.denoiser import Denoiser
-from distill.models.schedules import StudentSchedule, rollout, student_from_teacher, student_schedule
+from distill.models.schedules import KStepSchedule, rollout, student_from_teacher, student_schedule
 from distill.parametrization import Process, _bcast, log_snr
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
 from distill.training.recipe import Nets, Recipe
@@ -122,7 +122,7 @@ def unit_time(process: Process, native: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def phase_boundaries(schedule: StudentSchedule) -> list[tuple[float, float | None]]:
+def phase_boundaries(schedule: KStepSchedule) -> list[tuple[float, float | None]]:
     """(input level t_k, output level s) of each phase as native times, noisiest first: t_k is the sampler's k-th
     time; s is the level the scheduler's step re-noises x0 to (`schedule.renoise_time(k + 1)`; EDM:
     sqrt(sigma_{k+1}^2 - sigma_min^2), CMStochasticIterativeScheduler.step), None (clean) after the last step."""
