@@ -104,6 +104,14 @@ class TeacherConfig(Section):
     guidance_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance, convention uncond + w "
                                                            "(cond - uncond); 1.0 = the plain conditional model, "
                                                            "0.0 = the unconditional one")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the frozen teacher's weights (the student and critic copied from it stay float32 "
+                               "for their optimizers; trainer.fsdp.param_dtype sets what their passes compute in)")
+    offload: bool = Field(False, description="keep the frozen teacher's weights in CPU memory: under "
+                                             "trainer.parallel: fsdp2 its shards stay on the CPU and each block is "
+                                             "gathered to the device for its pass (FSDP2 CPUOffloadPolicy); under "
+                                             "ddp its blocks are moved to the device for their pass (accelerate's "
+                                             "cpu_offload hooks). Slower, one model's worth of device memory less")
 
 
 class DataConfig(Section):
@@ -165,6 +173,20 @@ class OptimizerConfig(Section):
                                                    "constant_with_warmup), then at lr; 0 = none")
 
 
+class FSDPConfig(Section):
+    reshard_after_forward: bool = Field(True, description="free each block's gathered weights after its forward "
+                                                          "(gathered again for backward): less memory, more "
+                                                          "communication; false = keep them until backward")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the dtype the trained networks' blocks compute in (FSDP2 MixedPrecisionPolicy); "
+                               "the sharded weights and optimizer states stay float32")
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the dtype gradients are reduced across processes in")
+    offload: bool = Field(False, description="the trained networks' weight shards, gradients and optimizer states "
+                                             "in CPU memory, the optimizer stepping on the CPU (FSDP2 "
+                                             "CPUOffloadPolicy)")
+
+
 class TrainerConfig(Section):
     generator: OptimizerConfig = Field(default_factory=OptimizerConfig, description="the student's optimizer")
     critic: OptimizerConfig = Field(default_factory=OptimizerConfig,
@@ -195,6 +217,22 @@ class TrainerConfig(Section):
                                            '(newest complete checkpoint of the run, else fresh) or the path of a '
                                            'checkpoint folder (checked when the config is loaded)')
     progress_bar: bool = Field(True, description="a tqdm bar on the main process; false = log lines instead")
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description='how the processes share the work: "ddp" (each holds every network, gradients '
+                           'averaged) or "fsdp2" (every network, the frozen teacher included, sharded block by '
+                           'block over the processes with torch FSDP2 `fully_shard`; checkpoints are sharded '
+                           '(torch.distributed.checkpoint) and resume on any number of processes). See docs/scale.md')
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 settings (trainer.parallel: fsdp2)")
+    gradient_checkpointing: bool = Field(False, description="recompute the trained networks' activations in "
+                                                            "backward instead of keeping them (diffusers' own "
+                                                            "gradient checkpointing of the network's blocks)")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description='"adamw" (torch) or "adamw_8bit" (bitsandbytes\' AdamW8bit: 2 bytes of state per '
+                             'parameter instead of 8; needs `pip install bitsandbytes` and a GPU)')
+    ema_device: Literal["device", "cpu"] = Field(
+        "device", description='where the generator\'s EMA weights live: "device" or "cpu" (one model\'s worth '
+                              'of device memory less; the EMA update copies the weights to the CPU every '
+                              'update)')
 
 
 class ExportConfig(Section):
@@ -221,6 +259,13 @@ class Config(Section):
                     f"must be <= run.max_steps ({self.run.max_steps}), got {warm}")
         require(not (self.data.name == "toy" and self.export.at_end), "export.at_end",
                 "must be false with data.name: toy (2-D points have no diffusers pipeline), got true")
+        require(not (self.trainer.parallel == "fsdp2" and self.trainer.mixed_precision == "fp16"),
+                "trainer.mixed_precision", 'fp16 cannot combine with trainer.parallel: fsdp2 (no gradient scaler '
+                'for sharded gradients); use "bf16" or trainer.fsdp.param_dtype: bfloat16')
+        require(not (self.trainer.parallel == "ddp" and self.trainer.fsdp.offload), "trainer.fsdp.offload",
+                "needs trainer.parallel: fsdp2, got ddp")
+        require(not (self.trainer.fsdp.offload and self.trainer.optimizer == "adamw_8bit"), "trainer.optimizer",
+                "adamw_8bit steps on the GPU; it cannot combine with trainer.fsdp.offload (the optimizer on the CPU)")
         return self
 
 

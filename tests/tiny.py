@@ -89,13 +89,19 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a tensor, gathered whole when it is an FSDP2 shard (every process must call this)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
 def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
-    """CPU copies of a trainer's generator, critic and EMA weights."""
+    """CPU copies of a trainer's generator, critic and EMA weights (whole, under FSDP2 too)."""
+    critic = trainer.recipe.critic
     out = {
-        "generator": {k: v.detach().cpu().clone() for k, v in trainer.recipe.generator.state_dict().items()},
-        "critic": {k: v.detach().cpu().clone() for k, v in trainer.recipe.critic.state_dict().items()},
+        "generator": {k: _full(v) for k, v in trainer.recipe.generator.state_dict().items()},
+        "critic": {} if critic is None else {k: _full(v) for k, v in critic.state_dict().items()},
     }
-    out["ema"] = {str(i): p.detach().cpu().clone() for i, p in enumerate(trainer.ema.shadow_params)}
+    out["ema"] = {str(i): _full(p) for i, p in enumerate(trainer.ema.shadow_params)}
     return out
 
 
@@ -104,20 +110,34 @@ def _train_and_dump(dump_dir: str, config: str, overrides: list[str]) -> None:
     from distill.training.trainer import Trainer
 
     trainer = Trainer(load_config(config, overrides))
-    steps_run = []
+    steps_run, logs = [], []
     train_step = trainer.train_step
 
     def counting_step():
         steps_run.append(trainer.step)
-        return train_step()
+        logs.append(train_step())
+        return logs[-1]
 
     trainer.train_step = counting_step
+    held = {}
+    end_training = trainer.accelerator.end_training
+
+    def gather_then_end():  # FSDP2 shards are gathered while the process group still exists
+        held.update(weights(trainer))
+        end_training()
+
+    trainer.accelerator.end_training = gather_then_end
     trainer.train()
     rank = trainer.accelerator.process_index
     Path(dump_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({**weights(trainer), "steps_run": steps_run, "world_size": trainer.accelerator.num_processes},
+    torch.save({**held, "steps_run": steps_run, "logs": logs,
+                "world_size": trainer.accelerator.num_processes},
                Path(dump_dir) / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distill").setLevel(logging.INFO)
     _train_and_dump(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -32,6 +32,9 @@ class Family(Protocol):
     #: the modules LoRA adapters go on (distill.models.adapters): peft module-name suffixes, or one regex that peft
     #: full-matches, as diffusers names them in this network class.
     lora_targets: tuple[str, ...] | str
+    #: optional: the class names of the blocks FSDP2 shards one by one (distill.training.parallel); without it, the
+    #: diffusers class's own `_no_split_modules`.
+    shard_blocks: tuple[str, ...]
 
     def export_target(self, network_config: dict, scheduler_config: dict, prediction: str | None,
                       pipeline: str | None) -> Any:  # a Target (distill.families.target imports this module)

@@ -102,6 +102,8 @@ class DiTFamily:
     subfolder = "transformer"
     latent = True
     lora_targets = BLOCK_LORA_TARGETS
+    #: FSDP2 sharding blocks (distill.training.parallel); DiTTransformer2DModel declares no `_no_split_modules`
+    shard_blocks = ("BasicTransformerBlock",)
 
     def export_target(self, network_config: dict, scheduler_config: dict, prediction: str | None,
                       pipeline: str | None) -> Target:

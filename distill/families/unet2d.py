@@ -25,6 +25,8 @@ class UNet2DFamily:
     subfolder = "unet"
     latent = False
     lora_targets = UNET_LORA_TARGETS
+    #: FSDP2 sharding blocks (distill.training.parallel); UNet2DModel declares no `_no_split_modules`
+    shard_blocks = ("ResnetBlock2D", "Attention")
 
     def export_target(self, network_config: dict, scheduler_config: dict, prediction: str | None,
                       pipeline: str | None) -> None:

@@ -99,13 +99,24 @@ class AdapterDenoiser(nn.Module):
         self.adapter = adapter
         self.lora = nn.ParameterDict()
         if adapter is not None:
-            marker = f".{adapter}."
-            for pname, p in base.model.named_parameters():
-                if ".lora_" in pname and marker in pname:
-                    self.lora[pname.replace(".", "__")] = p
+            self.rebind()
             if not len(self.lora):
                 raise ValueError(f"no LoRA adapter named {adapter!r} on this network (add_lora_adapters first)")
             self.lora.requires_grad_(True)
+
+    def rebind(self) -> None:
+        """(Re)collect this adapter's LoRA parameters from the base network: after FSDP2 sharded the base
+        (distill.training.parallel), its modules hold new parameter objects."""
+        if self.adapter is None:
+            return
+        marker = f".{self.adapter}."
+        flags = {k: p.requires_grad for k, p in self.lora.items()}
+        for pname, p in self.model.named_parameters():
+            if ".lora_" in pname and marker in pname:
+                key = pname.replace(".", "__")
+                self.lora[key] = p
+                if key in flags:
+                    p.requires_grad_(flags[key])
 
     # -- the Denoiser surface ----------------------------------------------------------------------------------
     @property

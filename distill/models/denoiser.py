@@ -77,10 +77,28 @@ class Denoiser(nn.Module):
         scale = _bcast(self.process.input_scale(t), x_t).to(x_t.dtype)
         return x_t * scale, self.process.model_time(t)
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in: FSDP2's mixed-precision dtype where one is set
+        (distill.training.parallel), else its weights' (a bfloat16 teacher: `teacher.dtype`)."""
+        dtype = self.model.__dict__.get("distill_compute_dtype")
+        if dtype is None:
+            p = next(self.model.parameters(), None)
+            dtype = torch.float32 if p is None else p.dtype
+        return dtype
+
+    def _cast(self, x_in: Tensor, cond: Condition) -> tuple[Tensor, Condition]:
+        """The image input and the floating conditions in the compute dtype (the timesteps are left alone: 999 is
+        1000 in bfloat16)."""
+        dtype = self.compute_dtype()
+        if x_in.dtype == dtype:
+            return x_in, cond
+        return x_in.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
-        """The network's native output at (x_t, t)."""
+        """The network's native output at (x_t, t), in x_t's dtype."""
         x_in, time = self._inputs(x_t, t)
-        return self.family.call(self.model, x_in, time, cond)
+        x_in, cond = self._cast(x_in, cond)
+        return self.family.call(self.model, x_in, time, cond).to(x_t.dtype)
 
     def forward(
         self, x_t: Tensor, t: Tensor, cond: Condition, want: str = "x0", guidance_scale: float = 1.0
@@ -98,12 +116,16 @@ class Denoiser(nn.Module):
     def with_features(self, x_t: Tensor, t: Tensor, cond: Condition, want: str = "x0") -> tuple[Tensor, Tensor]:
         """Prediction `want` and the network's bottleneck features, from one forward pass."""
         x_in, time = self._inputs(x_t, t)
+        x_in, cond = self._cast(x_in, cond)
         raw, feats = self.family.call_with_features(self.model, x_in, time, cond)
-        return self.convert(raw, x_t, t, want), feats
+        return self.convert(raw.to(x_t.dtype), x_t, t, want), feats.to(x_t.dtype)
 
     def copy(self, trainable: bool = True) -> "Denoiser":
-        """A deep copy (student or fake score initialised from a teacher)."""
+        """A deep copy (student or fake score initialised from a teacher); a trainable copy is float32 whatever
+        the teacher's dtype (`teacher.dtype`): its optimizer steps float32 weights."""
         twin = Denoiser(copy.deepcopy(self.model), self.process, self.prediction, self.family)
+        if trainable:
+            twin.model.float()
         twin.model.requires_grad_(trainable)
         twin.model.train(trainable)
         twin.source = self.source

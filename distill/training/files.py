@@ -31,6 +31,7 @@ WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 #: what a complete checkpoint folder holds (see distill.training.trainer.save_checkpoint; accelerate names the files).
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_GENERATOR = "model.safetensors"
+CHECKPOINT_SHARDED = "sharded"
 
 
 def _named(key: str | None, text: str) -> ConfigError:
@@ -147,7 +148,7 @@ def check_teacher_folder(root: Path, key: str | None = "teacher.path") -> None:
 
 def check_checkpoint(path: Path, key: str | None = None) -> int:
     """A complete checkpoint folder (trainer state, the generator's safetensors, readable optimizer, RNG and
-    EMA archives); returns its step."""
+    EMA archives; or, written sharded, readable safetensors shards); returns its step."""
     if not path.is_dir():
         what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
         raise _named(key, f"checkpoint folder {str(path)!r} {what}")
@@ -161,6 +162,14 @@ def check_checkpoint(path: Path, key: str | None = None) -> int:
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise _named(key, f"{str(state_file)!r}: 'step' must be an integer >= 0, got {step!r}")
+    if state.get("format") == "sharded":  # trainer.parallel: fsdp2 (distill.training.checkpoints)
+        shards = sorted((path / CHECKPOINT_SHARDED).glob("*.safetensors"))
+        if not shards:
+            raise _named(key, f"{str(path / CHECKPOINT_SHARDED)!r} holds no safetensors shards: {str(path)!r} is "
+                              "not a complete checkpoint")
+        for f in shards:
+            check_safetensors(f, key)
+        return step
     if not (path / CHECKPOINT_GENERATOR).is_file():
         raise _named(key, f"{str(path / CHECKPOINT_GENERATOR)!r} is missing: {str(path)!r} is not a complete "
                           "checkpoint")

@@ -38,11 +38,20 @@ def build_recipe(cfg: Config, device: torch.device,
     (recipe, the dataset to train on). The data set is made inside `main_process_first()` (the trainer passes
     accelerate's): what it caches (prompt embeddings, image latents) is computed once, by the main process, and the
     other processes read the cache it wrote."""
+    recipe, dataset, _ = build_run(cfg, device, main_process_first)
+    return recipe, dataset
+
+
+def build_run(cfg: Config, device: torch.device,
+              main_process_first: Callable[[], ContextManager] = contextlib.nullcontext):
+    """:func:`build_recipe`, also returning the teacher as loaded (the trainer shards it under FSDP2):
+    (recipe, dataset, teacher)."""
     from distill.data import make_dataset
     from distill.models.denoiser import load_denoiser
 
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
     teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction,
-                            resolution=cfg.data.resolution)
+                            resolution=cfg.data.resolution, dtype=dtype)
     teacher.to(device)
     with main_process_first():
         dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
@@ -55,7 +64,7 @@ def build_recipe(cfg: Config, device: torch.device,
     for net in (recipe.generator, recipe.critic):
         if net is not None:
             net.to(device)
-    return recipe, dataset if recipe.dataset is None else recipe.dataset
+    return recipe, dataset if recipe.dataset is None else recipe.dataset, teacher
 
 
 def recipe_configs(kind: str, names: list[str] | None = None) -> dict[str, Path]:

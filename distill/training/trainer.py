@@ -25,9 +25,9 @@ from torch import nn
 
 from distill.base.batch import Batch
 from distill.base.errors import ConfigError, NonFiniteError
-from distill.base.seeding import step_seed
+from distill.base.seeding import MicroBatchRNG, step_seed
 from distill.config import Config, config_to_yaml
-from distill.training import checkpoints
+from distill.training import checkpoints, parallel
 from distill.training.files import check_run_dir, saved_config_changes
 from distill.training.nets import update_nets
 from distill.training.optim import make_optimizer
@@ -45,20 +45,23 @@ class Trainer:
         self.accelerator = acc = accelerator or _accelerator(cfg, self.run_dir)
         torch.manual_seed(cfg.run.seed)  # model construction (heads) is identical on every rank
 
-        from distill.training.registry import build_recipe
+        from distill.training.registry import build_run
 
-        self.recipe, self.dataset = build_recipe(cfg, acc.device, acc.main_process_first)
+        self.recipe, self.dataset, teacher = build_run(cfg, acc.device, acc.main_process_first)
         if cfg.trainer.sample_every and getattr(self.dataset, "latent", False):
             raise ConfigError("trainer.sample_every: sample grids are drawn for pixel-space teachers; this teacher "
                               f"samples VAE latents {tuple(self.dataset.image_shape)}. Set trainer.sample_every=0 "
                               "and sample the exported pipeline instead")
-        self._prepare()
-
-        from diffusers.training_utils import EMAModel
-
-        self.ema = EMAModel(self.recipe.generator.parameters(), decay=cfg.trainer.ema_decay)
-        self.ema.to(acc.device)
-        acc.register_for_checkpointing(self.ema)
+        if cfg.trainer.sample_every and cfg.trainer.parallel == "fsdp2" and acc.num_processes > 1:
+            raise ConfigError("trainer.sample_every: sample grids are drawn by the main process alone, and under "
+                              "trainer.parallel: fsdp2 every pass needs every process; set trainer.sample_every=0 "
+                              "and sample the exported pipeline")
+        parallel.apply_memory_modes(self.recipe, teacher, cfg, acc.device)
+        #: trainer.parallel: fsdp2 keeps sharded checkpoints on any number of processes; it shards on several
+        self.sharded_checkpoints = cfg.trainer.parallel == "fsdp2"
+        self.fsdp = self.sharded_checkpoints and acc.num_processes > 1
+        # The export's copy of the generator: meta parameters, filled with the gathered weights at export time.
+        self._export_skeleton = parallel.skeleton(self.recipe.generator) if acc.is_main_process else None
 
         self.target_network = None
         decay = self.recipe.target_decay
@@ -66,7 +69,20 @@ class Trainer:
             if not 0.0 <= float(decay) < 1.0:
                 raise ValueError(f"recipe target_decay must be in [0, 1), got {decay}")
             self.target_network = copy.deepcopy(self.recipe.generator).requires_grad_(False)
-            acc.register_for_checkpointing(self.target_network)
+        if self.fsdp:
+            parallel.shard_roles(self.recipe, teacher, cfg, extra=[self.target_network])
+        elif self.sharded_checkpoints:
+            logger.info("trainer.parallel=fsdp2 on one process: nothing to shard; checkpoints are written sharded")
+        self._prepare()
+
+        from diffusers.training_utils import EMAModel
+
+        self.ema = EMAModel(self.recipe.generator.parameters(), decay=cfg.trainer.ema_decay)
+        self.ema.to(self._ema_device())
+        if not self.sharded_checkpoints:  # registered after the schedulers: the checkpoint's file order is fixed
+            acc.register_for_checkpointing(self.ema)
+            if self.target_network is not None:
+                acc.register_for_checkpointing(self.target_network)
 
         self.step = 0
         self.nonfinite_skipped = 0
@@ -77,13 +93,19 @@ class Trainer:
         its own modules; the prepared ones (`self.prepared`, DDP wrappers on several processes) are the trainer's
         alone, handed to a loss as `nets.trained`."""
         acc, r, tc = self.accelerator, self.recipe, self.cfg.trainer
-        self.generator_opt, self.generator_sched = make_optimizer(r.generator, tc.generator)
+        self.generator_opt, self.generator_sched = make_optimizer(r.generator, tc.generator, tc.optimizer)
         self.critic_opt = self.critic_sched = None
+        if self.sharded_checkpoints:
+            # FSDP2 (or its single-process form): the networks are their own "prepared" modules, sharded in place.
+            if r.critic is not None:
+                self.critic_opt, self.critic_sched = make_optimizer(r.critic, tc.critic, tc.optimizer)
+            self.prepared = {"generator": r.generator, "critic": r.critic}
+            return
         if r.critic is None:
             generator, self.generator_opt = acc.prepare(r.generator, self.generator_opt)
             self.prepared = {"generator": generator}
         else:
-            self.critic_opt, self.critic_sched = make_optimizer(r.critic, tc.critic)
+            self.critic_opt, self.critic_sched = make_optimizer(r.critic, tc.critic, tc.optimizer)
             generator, critic, self.generator_opt, self.critic_opt = acc.prepare(
                 r.generator, r.critic, self.generator_opt, self.critic_opt)
             self.prepared = {"generator": generator, "critic": critic}
@@ -109,22 +131,22 @@ class Trainer:
                 self.save_checkpoint()
         progress.close(self.step, self.nonfinite_skipped)
         out = self.run_dir / "pipeline"
-        if cfg.export.at_end:
-            self.export(out)
         acc.wait_for_everyone()
+        if cfg.export.at_end:
+            self.export(out)  # the main process writes; the others leave without waiting for it
         acc.end_training()
         return out
 
     def train_step(self) -> dict[str, float]:
         """One iteration: `critic_steps` critic updates, then one generator update, then the EMAs."""
         acc, r, tc = self.accelerator, self.recipe, self.cfg.trainer
-        torch.manual_seed(step_seed(self.cfg.run.seed, self.step, acc.process_index))
+        self._rng = MicroBatchRNG(self.cfg.run.seed, self.step, self._micro_indices(), acc.device)
         logs: dict[str, float] = {}
         if r.critic is not None:
             for k in range(tc.critic_steps):
                 logs.update(self._update("critic", self._batches(self.step, 1 + k)))
         logs.update(self._update("generator", self._batches(self.step, 0)))
-        self.ema.step(r.generator.parameters())
+        self._ema_step()
         if self.target_network is not None:
             with torch.no_grad():
                 for t, p in zip(self.target_network.parameters(), r.generator.parameters()):
@@ -147,12 +169,19 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
     # -- one update -----------------------------------------------------------------------------------------
+    def _micro_indices(self) -> list[int]:
+        """This process's micro-batches as indices into the update's global batch: process r of N with k
+        micro-batches each holds r * k .. r * k + k - 1. Data and noise are drawn by global index, so N processes
+        with k micro-batches and one process with N * k draw the same samples and the same noise: a run keeps
+        its global batch across world sizes (trainer.gradient_accumulation_steps x processes)."""
+        k = self.cfg.trainer.gradient_accumulation_steps
+        return [self.accelerator.process_index * k + micro for micro in range(k)]
+
     def _batches(self, step: int, stream: int) -> list[Batch]:
-        acc = self.accelerator
         out = []
-        for micro in range(self.cfg.trainer.gradient_accumulation_steps):
-            g = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, step, acc.process_index, 1000 + stream * 64 + micro))
-            out.append(self.dataset.sample(self.cfg.data.batch_size, g).to(acc.device))
+        for g_index in self._micro_indices():
+            g = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, step, g_index, 1000 + stream * 64))
+            out.append(self.dataset.sample(self.cfg.data.batch_size, g).to(self.accelerator.device))
         return out
 
     def _update(self, name: str, batches: list[Batch]) -> dict[str, float]:
@@ -169,10 +198,10 @@ class Trainer:
         with update_nets(self.recipe, name, module, self.target_network) as nets:
             for i, batch in enumerate(batches):
                 sync = i == n - 1
-                # a micro-batch before the last accumulates locally (no gradient all-reduce); one context per `with`
+                # a micro-batch before the last accumulates locally (no gradient reduction); one context per `with`
                 accumulate = (lambda: contextlib.nullcontext()) if sync or acc.num_processes == 1 else \
-                    (lambda: acc.no_sync(module))
-                with accumulate(), acc.autocast():
+                    (lambda: self._no_sync(module))
+                with self._rng.micro(i), accumulate(), acc.autocast():
                     loss, parts = loss_fn(nets, batch, self.step)
                 ok = torch.isfinite(loss.detach()).float()
                 finite = finite and bool(acc.reduce(ok, reduction="sum").item() == acc.num_processes)
@@ -184,9 +213,16 @@ class Trainer:
                 for k, v in parts.items():
                     logs[f"{name}/{k}"] = logs.get(f"{name}/{k}", 0.0) + v / n
         if finite:
+            logs = self._mean_over_processes(logs)
             # Always measured (max_norm=inf does not clip): the norm is the guard against non-finite gradients.
             max_norm = self.cfg.trainer.max_grad_norm
-            grad_norm = acc.clip_grad_norm_(module.parameters(), math.inf if max_norm is None else max_norm)
+            max_norm = math.inf if max_norm is None else max_norm
+            if self.sharded_checkpoints:  # FSDP2: the total norm of the sharded gradients (a DTensor)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in module.parameters() if p.grad is not None], max_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            else:
+                grad_norm = acc.clip_grad_norm_(module.parameters(), max_norm)
             finite = bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
             logs[f"{name}/grad_norm"] = float(grad_norm)
         if not finite:
@@ -198,6 +234,37 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         self._consecutive_nonfinite[name] = 0
         return logs
+
+    def _no_sync(self, module: nn.Module):
+        """Gradients accumulate locally (reduced at the last micro-batch): DDP's no_sync, or FSDP2's switch."""
+        if not self.fsdp:
+            return self.accelerator.no_sync(module)
+        return parallel.no_gradient_sync(module)
+
+    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """The logged scalars as means over the processes (each process's are means over its micro-batches), so
+        a log line describes the global batch whatever the world size."""
+        acc = self.accelerator
+        if acc.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device),
+                            reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def _ema_device(self) -> torch.device:
+        return torch.device("cpu") if self.cfg.trainer.ema_device == "cpu" else self.accelerator.device
+
+    def _ema_step(self) -> None:
+        """The generator's EMA update; with trainer.ema_device cpu the averages visit the device for it (diffusers'
+        EMAModel updates in place, on the weights' device)."""
+        params = self.recipe.generator.parameters()
+        if self._ema_device() == self.accelerator.device:
+            self.ema.step(params)
+            return
+        self.ema.to(self.accelerator.device)
+        self.ema.step(params)
+        self.ema.to(self._ema_device())
 
     def _nonfinite(self, name: str, logs: dict[str, float]) -> None:
         self.nonfinite_skipped += 1
@@ -216,22 +283,49 @@ class Trainer:
         state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
                  "consecutive_nonfinite": dict(self._consecutive_nonfinite),
                  "world_size": self.accelerator.num_processes, "global_batch": self.global_batch()}
+        if self.sharded_checkpoints:  # the EMA's counters (its averages are in the shards)
+            state["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        if self.sharded_checkpoints:
+            return checkpoints.save_sharded_checkpoint(self.accelerator, self.run_dir, self.step, state,
+                                                       self._sharded_parts(), keep=self.cfg.trainer.keep_checkpoints)
         return checkpoints.save_checkpoint(self.accelerator, self.run_dir, self.step, state,
                                            keep=self.cfg.trainer.keep_checkpoints)
 
+    def _sharded_parts(self) -> checkpoints.ShardedParts:
+        nets = {"generator": (self.recipe.generator, self.generator_opt)}
+        if self.recipe.critic is not None:
+            nets["critic"] = (self.recipe.critic, self.critic_opt)
+        if self.target_network is not None:
+            nets["target"] = (self.target_network, None)
+        scheds = {"generator": self.generator_sched}
+        if self.critic_sched is not None:
+            scheds["critic"] = self.critic_sched
+        return checkpoints.ShardedParts(nets=nets, ema=self.ema.shadow_params, schedulers=scheds)
+
     def load_checkpoint(self, path: str | Path) -> None:
-        state = checkpoints.load_checkpoint(self.accelerator, path)
+        if self.sharded_checkpoints:
+            state = checkpoints.load_sharded_checkpoint(path, self._sharded_parts())
+            for k, v in state.get("ema", {}).items():
+                setattr(self.ema, k, v)
+        else:
+            state = checkpoints.load_checkpoint(self.accelerator, path)
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         consecutive = state.get("consecutive_nonfinite")
         self._consecutive_nonfinite = dict(consecutive) if isinstance(consecutive, dict) else {}
         logger.info("resumed from %s at step %d", path, self.step)
         written_by = state.get("world_size")  # absent in checkpoints written before it was recorded
-        if written_by is not None and written_by != self.accelerator.num_processes:
+        if written_by is not None and written_by != self.accelerator.num_processes \
+                and state.get("global_batch") == self.global_batch():
+            logger.info("resumed %s on %d process(es); it was written by %d: the global batch stays %d samples per "
+                        "update, and the run draws the same data and noise as it would have (each sample's draws "
+                        "follow its index in the global batch)", path, self.accelerator.num_processes, written_by,
+                        self.global_batch())
+        elif written_by is not None and written_by != self.accelerator.num_processes:
             logger.warning(
                 "resumed %s on %d process(es); it was written by %d: the global batch changes from %s to %d samples "
                 "per update (data.batch_size %d x trainer.gradient_accumulation_steps %d x processes; set one of them "
-                "to keep it), and each process draws its own data and noise from here on", path,
+                "to keep it)", path,
                 self.accelerator.num_processes, written_by, state.get("global_batch", "?"), self.global_batch(),
                 self.cfg.data.batch_size, self.cfg.trainer.gradient_accumulation_steps)
 
@@ -271,10 +365,15 @@ class Trainer:
             raise ConfigError(f"refusing to export an untrained student to {str(out_dir)!r}: the trainer is at step "
                               "0 (no update ran; load a checkpoint or train first)")
         out_dir = Path(out_dir)
-        if self.accelerator.is_main_process:
-            with self.ema_weights() as gen:
-                self.recipe.export(gen, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        with self.ema_weights() as gen:  # every process: sharded weights are gathered
+            states = parallel.full_states(gen, acc.device, keep=acc.is_main_process)
+        if acc.is_main_process:
+            # A CPU copy (adapters merged there, not on the device); the other processes are done and do not wait.
+            student = parallel.materialize(self._export_skeleton, states).eval()
+            del states
+            self.recipe.export(student, out_dir, num_steps=self.cfg.student.num_steps, config=self.cfg)
+            self._export_skeleton = parallel.skeleton(student)
         return out_dir
 
 

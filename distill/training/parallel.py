@@ -1,0 +1,281 @@
+"""Scale: every role sharded with torch FSDP2, and the memory modes (docs/scale.md).
+
+`trainer.parallel: fsdp2` shards the student, the critic (fake score and heads) and the frozen teacher block by
+block over the processes with torch's own `fully_shard` (torch.distributed.fsdp): each process holds 1/N of every
+network's weights, gradients and optimizer states, and gathers one block at a time for its pass. The blocks are
+the family's (`Family.shard_blocks`, else the diffusers class's own `_no_split_modules`: UNet resnet and transformer
+blocks, MMDiT / Flux / Wan transformer blocks), then each network's root takes the rest (embeddings, heads).
+
+Why not accelerate's FSDP plugin: accelerate turns `--use_fsdp` into DDP on CPU processes (its distributed type is
+MULTI_CPU there), so the plugin's path could not be tested on CPU machines; `fully_shard` runs the same on gloo
+and NCCL. accelerate still launches the processes, sets up the process group, runs autocast and logs.
+
+The memory modes are config keys, each applied here: `trainer.gradient_checkpointing` (diffusers' own, per
+network), `teacher.dtype` and `teacher.offload`, `trainer.fsdp.{param_dtype, reduce_dtype, offload}`, and
+`trainer.ema_device` / `trainer.optimizer` (in the trainer and `distill.training.optim`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from distill.base.errors import ConfigError
+from distill.config import Config
+from distill.models.adapters import AdapterDenoiser
+from distill.models.denoiser import Denoiser
+
+logger = logging.getLogger("distill")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def networks(role: nn.Module | None) -> list[nn.Module]:
+    """The diffusers networks a role holds (a Denoiser's `model`; an adapter role's shared base), each once."""
+    found: list[nn.Module] = []
+    if role is None:
+        return found
+    for m in role.modules():
+        net = m.model if isinstance(m, (Denoiser, AdapterDenoiser)) else None
+        if net is not None and all(net is not f for f in found):
+            found.append(net)
+    return found
+
+
+def block_names(net: nn.Module) -> tuple[str, ...]:
+    """The class names of `net`'s sharding (and checkpointing) blocks: the family's `shard_blocks`, else the
+    diffusers class's `_no_split_modules`."""
+    from distill.families import family_for
+
+    try:
+        names = getattr(family_for(net), "shard_blocks", None)
+    except (KeyError, ValueError, TypeError):
+        names = None
+    names = names or getattr(net, "_no_split_modules", None) or ()
+    return tuple(names)
+
+
+def blocks(net: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of `net` whose class is one of its blocks (a block inside a block is not one)."""
+    names = set(block_names(net))
+    out: list[nn.Module] = []
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if type(child).__name__ in names:
+                out.append(child)
+            else:
+                walk(child)
+
+    walk(net)
+    return out
+
+
+def teacher_network(teacher: Denoiser | AdapterDenoiser) -> nn.Module:
+    return teacher.model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory modes that apply on one process as well
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def apply_memory_modes(recipe, teacher: Denoiser, cfg: Config, device: torch.device) -> None:
+    """The memory modes that change the networks themselves: gradient checkpointing of the trained networks and
+    the teacher's CPU offload under DDP (under FSDP2 :func:`shard_roles` offloads)."""
+    tc = cfg.trainer
+    if tc.gradient_checkpointing:
+        for role_name, role in (("generator", recipe.generator), ("critic", recipe.critic)):
+            for net in networks(role):
+                if not getattr(net, "_supports_gradient_checkpointing", False):
+                    raise ConfigError(f"trainer.gradient_checkpointing: {type(net).__name__} (the {role_name}'s "
+                                      "network) has no gradient checkpointing; set it to false")
+                net.enable_gradient_checkpointing()
+    if cfg.teacher.offload and tc.parallel == "ddp":
+        shared = {id(p) for r in (recipe.generator, recipe.critic) if r is not None for n in networks(r)
+                  for p in n.parameters()}
+        net = teacher_network(teacher)
+        if any(id(p) in shared for p in net.parameters()):
+            raise ConfigError("teacher.offload: the teacher is the shared base of the adapter roles "
+                              "(recipe.adapters: true), which train through it; set teacher.offload to false")
+        if device.type != "cpu":
+            from accelerate import cpu_offload
+
+            cpu_offload(net, execution_device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise ConfigError("trainer.parallel: fsdp2 needs torch.distributed: launch with `accelerate launch` (any "
+                          "number of processes, one included)")
+    from accelerate import PartialState
+
+    device = PartialState().device
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def _shard_network(net: nn.Module, mesh, mp, offload: bool, reshard: bool, fully_shard) -> None:
+    """`fully_shard` each block of `net`, then `net` itself (the rest of its parameters)."""
+    policy = _offload_policy(offload)
+    for block in blocks(net):
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=reshard)
+    fully_shard(net, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=reshard)
+
+
+def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[nn.Module | None] = ()) -> None:
+    """Shard the recipe's generator and critic and the frozen teacher in place with FSDP2 (`trainer.parallel:
+    fsdp2`); `extra` are more roles sharded like the trained ones (the trainer's EMA target network). The
+    networks keep their identity (a recipe's references stay valid); their parameters become DTensor shards. The
+    teacher's network is sharded once even where the adapter roles share it as their base; an adapter role then
+    re-reads its LoRA parameters from the sharded base. Call before making the optimizers."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fc = cfg.trainer.fsdp
+    mesh = mesh or _mesh()
+    # Inputs are cast by Denoiser.raw (x and the conditions to the compute dtype, never the timesteps: 999 is 1000
+    # in bf16), so FSDP's own input cast is off.
+    trained_mp = MixedPrecisionPolicy(param_dtype=DTYPES[fc.param_dtype], reduce_dtype=DTYPES[fc.reduce_dtype],
+                                      cast_forward_inputs=False)
+    teacher_mp = MixedPrecisionPolicy(cast_forward_inputs=False)
+    done: list[nn.Module] = []
+
+    def shard(net: nn.Module, mp, offload: bool) -> None:
+        if any(net is d for d in done):
+            return
+        _shard_network(net, mesh, mp, offload, fc.reshard_after_forward, fully_shard)
+        if mp.param_dtype is not None:
+            net.__dict__["distill_compute_dtype"] = mp.param_dtype  # read by Denoiser.raw
+        done.append(net)
+
+    base = teacher_network(teacher)
+    trained_nets = [n for r in (recipe.generator, recipe.critic) for n in networks(r)]
+    shared_base = any(base is n for n in trained_nets) or any(
+        isinstance(m, AdapterDenoiser) for r in (recipe.generator, recipe.critic) if r is not None
+        for m in r.modules())
+    if shared_base:  # adapter roles: the base holds the LoRA factors that train, in the trained dtype
+        shard(base, trained_mp, fc.offload)
+    else:
+        shard(base, teacher_mp, cfg.teacher.offload)
+    for role in (recipe.generator, recipe.critic, *extra):
+        if role is None:
+            continue
+        for net in networks(role):
+            shard(net, trained_mp, fc.offload)
+        for m in role.modules():
+            if isinstance(m, AdapterDenoiser):
+                m.rebind()
+        # What no network holds (heads, sCM's log-variance) is sharded module by module: the largest submodules
+        # with no sharded parameter inside, each its own FSDP root (a recipe calls its networks on their own, so
+        # no FSDP root may hold another).
+        for m in _unsharded_subtrees(role):
+            fully_shard(m, mesh=mesh, mp_policy=trained_mp, offload_policy=_offload_policy(fc.offload),
+                        reshard_after_forward=fc.reshard_after_forward)
+    logger.info("FSDP2: %d network(s) sharded over %d process(es)", len(done), mesh.size())
+
+
+def _unsharded_subtrees(role: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `role` that hold parameters, none of them sharded yet."""
+    out: list[nn.Module] = []
+
+    def visit(m: nn.Module, path: str) -> None:
+        params = list(m.parameters())
+        if not params or all(_is_dtensor(p) for p in params):
+            return
+        if not any(_is_dtensor(p) for p in params):
+            out.append(m)
+            return
+        own = [n for n, p in m.named_parameters(recurse=False) if not _is_dtensor(p)]
+        if own:
+            raise ConfigError(f"trainer.parallel: fsdp2 cannot shard {path or 'the role'} "
+                              f"({type(m).__name__}): it holds parameters {own} of its own beside sharded "
+                              "networks; move them into a submodule")
+        for name, child in m.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(role, "")
+    return out
+
+
+@contextlib.contextmanager
+def no_gradient_sync(role: nn.Module) -> Iterator[None]:
+    """FSDP2's no_sync: the backward passes inside keep their gradients unreduced (accumulated locally) in every
+    sharded module of `role` and of the networks it holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for r in (*networks(role), role) for m in r.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def _offload_policy(offload: bool):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any parameter of `module` is an FSDP2 shard."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def full_state_dict(module: nn.Module, device: torch.device, keep: bool) -> dict[str, torch.Tensor]:
+    """`module`'s full state as CPU tensors where `keep` (the main process), {} elsewhere. Sharded tensors are
+    gathered one at a time on `device`: every process must call this, in the same order."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if _is_dtensor(v):
+            v = v.to(device).full_tensor()
+        if keep:
+            out[k] = v.detach().to("cpu", copy=True)
+    return out
+
+
+def full_states(role: nn.Module, device: torch.device, keep: bool) -> list[dict[str, torch.Tensor]]:
+    """The full states of `role`'s networks (:func:`networks`: an adapter role's shared base included), then of
+    `role` itself: what :func:`materialize` loads into its :func:`skeleton`."""
+    return [full_state_dict(m, device, keep) for m in (*networks(role), role)]
+
+
+def skeleton(role: nn.Module) -> nn.Module:
+    """A copy of `role` (and of the networks it holds) whose parameters are on the meta device (no memory) and
+    whose buffers are real copies: made before sharding, materialised on the CPU by :func:`materialize`."""
+    import copy
+
+    params = [p for m in (*networks(role), role) for p in m.parameters()]
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in params}
+    return copy.deepcopy(role, memo)
+
+
+def materialize(skel: nn.Module, states: list[dict[str, torch.Tensor]]) -> nn.Module:
+    """The skeleton made real on the CPU and loaded with `states` (:func:`full_states` of the role it copies)."""
+    for module, state in zip((*networks(skel), skel), states, strict=True):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_meta:
+                    m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                       requires_grad=p.requires_grad)
+        module.load_state_dict(state, strict=True)
+    return skel
