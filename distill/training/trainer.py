@@ -212,21 +212,25 @@ class Trainer:
                     acc.backward(loss / n)
                 for k, v in parts.items():
                     logs[f"{name}/{k}"] = logs.get(f"{name}/{k}", 0.0) + v / n
+        unscaled = False  # an fp16 GradScaler has unscaled this optimizer's gradients
         if finite:
             logs = self._mean_over_processes(logs)
             # Always measured (max_norm=inf does not clip): the norm is the guard against non-finite gradients.
             max_norm = self.cfg.trainer.max_grad_norm
             max_norm = math.inf if max_norm is None else max_norm
-            if self.sharded_checkpoints:  # FSDP2: the total norm of the sharded gradients (a DTensor)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in module.parameters() if p.grad is not None], max_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            else:
-                grad_norm = acc.clip_grad_norm_(module.parameters(), max_norm)
+            if acc.scaler is not None:  # fp16: measure and clip the true gradients (this optimizer's only)
+                acc.scaler.unscale_(getattr(opt, "optimizer", opt))
+                unscaled = True
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None],
+                                                       max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the total norm of the sharded gradients is a DTensor
+                grad_norm = grad_norm.full_tensor()
             finite = bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
             logs[f"{name}/grad_norm"] = float(grad_norm)
         if not finite:
             opt.zero_grad(set_to_none=True)
+            if unscaled:  # fp16: the scaler backs its scale off (as its own skipped step would) and rearms
+                acc.scaler.update()
             self._nonfinite(name, logs)
             return logs
         opt.step()
