@@ -211,3 +211,38 @@ def test_a_killed_fsdp2_run_resumes_from_its_last_complete_checkpoint(tiny_teach
     assert dumped(resumed)["steps_run"] == [last, last + 1]
     assert int(list_checkpoints(tmp_path)[-1].name.split("-")[1]) == last + 2
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_the_shipped_accelerate_configs_load(tmp_path):
+    """recipes/accelerate/*.yaml are accelerate launch configs accelerate reads, and none asks for its FSDP plugin
+    (distill shards itself: trainer.parallel)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    files = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+    assert [f.name for f in files] == ["cpu_two_processes.yaml", "one_node.yaml", "two_nodes.yaml"]
+    for f in files:
+        cfg = ClusterConfig.from_yaml_file(f)
+        assert cfg.distributed_type in ("MULTI_GPU", "MULTI_CPU") and cfg.num_processes >= 2, f.name
+
+
+def test_accelerates_fsdp_plugin_is_refused_by_name(tiny_teacher, tmp_path, monkeypatch):
+    from tiny import tiny_config
+
+    from distill.base.errors import ConfigError
+    from distill.training.trainer import Trainer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="--use_fsdp .* set trainer.parallel=fsdp2"):
+        Trainer(tiny_config(tiny_teacher, tmp_path))
+
+
+def test_the_cpu_launch_config_trains_with_fsdp2(tiny_teacher, tmp_path):
+    """The shipped 2-process CPU launch file, as its header says."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "cpu_two_processes.yaml"), "--main_process_port",
+           str(_free_port()), "-m", "distill.cli", "train", str(DIGITS_YAML),
+           *tiny_overrides(tiny_teacher, tmp_path, "trainer.parallel=fsdp2", "run.max_steps=1")]
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2: 3 network(s) sharded over 2 process(es)" in proc.stderr

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -386,6 +387,10 @@ def _accelerator(cfg: Config, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError("accelerate launch --use_fsdp (or a config file with distributed_type: FSDP): distill "
+                          "shards the networks itself with torch's fully_shard; launch without it (see "
+                          "recipes/accelerate/*.yaml) and set trainer.parallel=fsdp2")
     mp = cfg.trainer.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
