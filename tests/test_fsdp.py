@@ -30,6 +30,7 @@ from distill.training.files import check_checkpoint
 TOL = 2e-5
 DUMP = str(REPO / "tests" / "tiny.py")
 SCM_YAML = REPO / "recipes" / "digits" / "scm.yaml"
+RCM_YAML = REPO / "recipes" / "digits" / "rcm.yaml"
 ADAPTERS_YAML = REPO / "recipes" / "digits" / "dmd2_adapters.yaml"
 
 
@@ -138,10 +139,12 @@ def test_the_export_of_a_sharded_run_is_the_one_process_pipeline(dmd2_runs):
 
 @pytest.mark.parametrize("yaml,extra,tol", [
     (SCM_YAML, ("student.num_steps=1",), TOL),  # the JVP path through sharded networks
+    pytest.param(RCM_YAML, ("student.num_steps=1",), TOL, marks=pytest.mark.slow),  # the JVP and a fake score
     # one base: Adam's normalised step turns float-order differences of near-zero LoRA gradients into differences
     # of a few percent of one step (lr 1e-3 here)
-    (ADAPTERS_YAML, ("recipe.lora_rank=4", "trainer.generator.lr=1e-3", "trainer.critic.lr=1e-3"), 1e-4),
-], ids=["scm", "dmd2_adapters"])
+    pytest.param(ADAPTERS_YAML, ("recipe.lora_rank=4", "trainer.generator.lr=1e-3", "trainer.critic.lr=1e-3"), 1e-4,
+                 marks=pytest.mark.slow),
+], ids=["scm", "rcm", "dmd2_adapters"])
 def test_fsdp2_equals_one_process(yaml, extra, tol, tiny_teacher, tmp_path):
     common = ("trainer.parallel=fsdp2", "run.max_steps=2", "trainer.ema_decay=0.5", *extra)
     launch(DUMP, str(tmp_path / "two" / "dump"), str(yaml), *tiny_overrides(tiny_teacher, tmp_path / "two", *common))
@@ -172,6 +175,7 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # about a minute: two launches and a run killed mid-way
 def test_a_killed_fsdp2_run_resumes_from_its_last_complete_checkpoint(tiny_teacher, tmp_path):
     """kill -9 of both processes while they train and checkpoint every update: every checkpoint left is complete,
     and `trainer.resume=latest` carries on from the newest one."""

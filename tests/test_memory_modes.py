@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from tiny import REPO, tiny_config, weights
 from distill.base.errors import ConfigError
 from distill.training.preflight import load_config
 from distill.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster, and safe beside other jobs
 
 SCM = REPO / "recipes" / "digits" / "scm.yaml"
 ADAPTERS = REPO / "recipes" / "digits" / "dmd2_adapters.yaml"
@@ -89,7 +92,9 @@ def test_the_ema_on_the_cpu_is_the_same_average(tiny_teacher, tmp_path):
 
 def test_the_8bit_optimizer_names_its_missing_package(monkeypatch, tiny_teacher, tmp_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"trainer.optimizer: adamw_8bit needs the bitsandbytes package"):
+    from distill.base.optional import MissingPackage
+
+    with pytest.raises(MissingPackage, match=r"trainer.optimizer: adamw_8bit needs the package 'bitsandbytes'"):
         Trainer(tiny_config(tiny_teacher, tmp_path, "trainer.optimizer=adamw_8bit"))
 
 
@@ -133,3 +138,26 @@ def test_fp16_scaler_survives_a_skipped_update(tiny_teacher, tmp_path):
     trainer.train_step()
     assert trainer.nonfinite_skipped == 1 and not torch.equal(param.detach(), before)
     acc.end_training()
+
+
+def test_cached_prompt_embeddings_are_read_as_a_memory_map(tmp_path):
+    """The prompt-embedding cache is read as views of a memory map of its file (shared by the processes of a
+    machine through the OS page cache), equal to safetensors' own reading, dtypes and empty tensors included."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.data.prompts import mapped_safetensors
+
+    tensors = {"cond.encoder_hidden_states": torch.randn(3, 5, 7), "cond.ids": torch.arange(6).view(2, 3),
+               "null.pooled": torch.randn(1, 4).to(torch.bfloat16), "cond.empty": torch.zeros(0, 3)}
+    file = tmp_path / "prompts-x.safetensors"
+    save_file(tensors, file)
+    mapped, read = mapped_safetensors(file), load_file(file)
+    assert mapped.keys() == read.keys()
+    for k in read:
+        assert mapped[k].dtype == read[k].dtype and torch.equal(mapped[k], read[k]), k
+    idx = torch.tensor([2, 0, 2])
+    assert torch.equal(mapped["cond.encoder_hidden_states"][idx], read["cond.encoder_hidden_states"][idx])
+    maps = Path("/proc/self/maps").read_text()
+    assert str(file) in maps  # the file is mapped, not copied
+    mapped["cond.ids"][0, 0] = 99  # copy-on-write: writable, and the file is unchanged
+    assert load_file(file)["cond.ids"][0, 0] == 0

@@ -19,6 +19,7 @@ from types import ModuleType
 #: import name -> (the PyPI distribution, the `distill` extra that installs it).
 OPTIONAL: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "plot"),
+    "bitsandbytes": ("bitsandbytes", "optim8bit"),
 }
 
 #: import name -> why it is imported softly: a peer's implementation that a benchmark compares against when it

@@ -28,7 +28,7 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
     """(conditions of `prompts`, condition of the empty prompt), from `cache_dir` when computed before.
 
     The cache key hashes the text components' configs and weights' sizes, the prompts and the resolution."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     h = hashlib.sha256()
     for part in ("model_index.json", "text_encoder/config.json", "text_encoder_2/config.json",
@@ -40,7 +40,7 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
     h.update(json.dumps([target.pipeline, resolution, prompts]).encode())
     file = cache_dir / f"prompts-{h.hexdigest()[:20]}.safetensors"
     if file.is_file():
-        flat = load_file(file)
+        flat = mapped_safetensors(file)
         logger.info("prompt embeddings: read %d prompts from %s", len(prompts), file)
     else:
         pipe = None if target.class_conditional else target.load_text_pipeline(folder).to(device)
@@ -54,9 +54,40 @@ def cached_embeddings(folder: Path, target: Target, prompts: list[str], resoluti
         tmp.replace(file)
         logger.info("prompt embeddings: encoded %d prompts with the pipeline's text encoders into %s", len(prompts),
                     file)
+        flat = mapped_safetensors(file)  # the encoded copies are freed: every process reads the one file
     cond = {k[5:]: v for k, v in flat.items() if k.startswith("cond.")}
     null = {k[5:]: v for k, v in flat.items() if k.startswith("null.")}
     return cond, null
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def mapped_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a memory map of it (no copy): the processes of a machine share
+    the pages the OS caches, instead of each holding every prompt's embeddings (about 8 MB a prompt for Flux).
+    Copy-on-write, so the views are writable and the file is never changed."""
+    import mmap
+
+    with open(file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (n,) = torch.frombuffer(mapped, dtype=torch.int64, count=1).tolist()  # the header's length (little endian)
+    header = json.loads(bytes(mapped[8:8 + n]))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{str(file)!r}: tensor {name!r} has dtype {info['dtype']}, not one this cache writes")
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + n + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        out[name] = t.view(info["shape"])
+    return out
 
 
 class PromptDataset:

@@ -20,11 +20,9 @@ def make_optimizer(module: nn.Module, oc: OptimizerConfig, kind: str = "adamw") 
     states)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if kind == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ConfigError("trainer.optimizer: adamw_8bit needs the bitsandbytes package, which is not installed "
-                              "(pip install bitsandbytes; it runs on CUDA GPUs); or set trainer.optimizer: adamw") from e
+        from distill.base.optional import require
+
+        bnb = require("bitsandbytes", "trainer.optimizer: adamw_8bit")
         opt = bnb.optim.AdamW8bit(params, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
     elif kind == "adamw":
         opt = torch.optim.AdamW(params, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
