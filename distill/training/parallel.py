@@ -208,6 +208,28 @@ def _unsharded_subtrees(role: nn.Module) -> list[nn.Module]:
     return out
 
 
+def sync_requires_grad(roles: list[nn.Module | None]) -> None:
+    """Give the gathered (unsharded) weights of every sharded module of `roles` the requires_grad of their shards.
+
+    FSDP2 copies the flag when it gathers a block, with `requires_grad_`; a network frozen for one update and
+    trained in the next (the generator in a critic update, distill.training.nets.frozen) would have it copied in
+    the middle of its next pass, which fails inside `torch.func.jvp` (sCM/rCM's target). Called once an update's
+    flags are set, outside any transform. Reads FSDP2's parameter records (torch 2.13's private layout)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for role in roles:
+        if role is None:
+            continue
+        for m in (m for r in (*networks(role), role) for m in r.modules()):
+            if not isinstance(m, FSDPModule):
+                continue
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in [] if group is None else group.fsdp_params:
+                gathered = getattr(fsdp_param, "_unsharded_param", None)
+                if gathered is not None and gathered.requires_grad != fsdp_param.sharded_param.requires_grad:
+                    gathered.requires_grad_(fsdp_param.sharded_param.requires_grad)
+
+
 @contextlib.contextmanager
 def no_gradient_sync(role: nn.Module) -> Iterator[None]:
     """FSDP2's no_sync: the backward passes inside keep their gradients unreduced (accumulated locally) in every

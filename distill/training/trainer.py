@@ -197,6 +197,8 @@ class Trainer:
         logs: dict[str, float] = {}
         finite = True
         with update_nets(self.recipe, name, module, self.target_network) as nets:
+            if self.fsdp:
+                parallel.sync_requires_grad([self.recipe.generator, self.recipe.critic, self.target_network])
             for i, batch in enumerate(batches):
                 sync = i == n - 1
                 # a micro-batch before the last accumulates locally (no gradient reduction); one context per `with`
