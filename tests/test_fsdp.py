@@ -250,3 +250,15 @@ def test_the_cpu_launch_config_trains_with_fsdp2(tiny_teacher, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2: 3 network(s) sharded over 2 process(es)" in proc.stderr
+
+
+def test_distill_export_of_a_sharded_checkpoint_on_one_process(dmd2_runs, tmp_path):
+    """`distill export` reads the 2-process run's last sharded checkpoint on one process and writes the pipeline
+    the run itself exported at its end, bit for bit."""
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "export", str(dmd2_runs["two"]), str(out)],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(dmd2_runs["two"] / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max_diff(a, b) == 0.0
