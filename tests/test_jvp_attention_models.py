@@ -197,3 +197,27 @@ def test_dropout_with_tangents_raises():
         # without tangents dropout is left to PyTorch
         out = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     assert out.shape == q.shape
+
+
+def test_mixed_dtypes_under_autocast_are_cast_as_sdpa_casts_them():
+    """Query/key norms (SD3.5, Flux, Wan) give float32 queries and keys beside a bf16 value under bf16 autocast;
+    PyTorch's SDPA takes them all in bf16 there, and so does the routed JVP attention: the same primal as SDPA, and
+    the same primal and tangent as with the three cast by hand."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+    v = torch.randn(1, 2, 6, 8, generator=g).bfloat16()
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sdpa(q, k, v)
+        with jvp_attention(backend="torch"):
+            out, tangent = torch.func.jvp(sdpa, (q, k, v), tangents)
+    with torch.autocast("cpu", dtype=torch.bfloat16), jvp_attention(backend="torch"):
+        by_hand = torch.func.jvp(sdpa, tuple(t.bfloat16() for t in (q, k, v)), tuple(t.bfloat16() for t in tangents))
+    assert out.dtype == tangent.dtype == torch.bfloat16
+    torch.testing.assert_close(out, by_hand[0], rtol=0, atol=0)
+    torch.testing.assert_close(tangent, by_hand[1], rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="query, key, value dtypes differ"):  # without autocast, as SDPA refuses
+        with jvp_attention(backend="torch"):
+            torch.func.jvp(sdpa, (q, k, v), tangents)

@@ -54,6 +54,18 @@ def _has_tangent(*tensors: torch.Tensor) -> bool:
     return any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def _autocast(*qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Query, key and value as autocast gives them to `F.scaled_dot_product_attention` (on its lower-precision list):
+    all in the autocast dtype when autocast is on for their device. A torch function mode sees the call before
+    autocast does, and networks with query/key norms (SD3.5, Flux, Wan) hand float32 queries and keys beside a bf16
+    value under bf16 autocast."""
+    device = qkv[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return qkv
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in qkv)
+
+
 class JVPAttentionMode(TorchFunctionMode):
     """Torch function mode sending `F.scaled_dot_product_attention` to `jvp_attention.scaled_dot_product_attention`.
 
@@ -89,6 +101,7 @@ class JVPAttentionMode(TorchFunctionMode):
             raise ValueError(f"jvp attention cannot differentiate through attention dropout "
                              f"(dropout_p={opts['dropout_p']}); put the model in eval() or set the dropout to 0")
         self.routed += 1
+        opts["query"], opts["key"], opts["value"] = _autocast(opts["query"], opts["key"], opts["value"])
         return _jvp.scaled_dot_product_attention(**opts, backend=self.backend)
 
 
