@@ -185,6 +185,11 @@ class FSDPConfig(Section):
     offload: bool = Field(False, description="the trained networks' weight shards, gradients and optimizer states "
                                              "in CPU memory, the optimizer stepping on the CPU (FSDP2 "
                                              "CPUOffloadPolicy)")
+    meta_init: bool = Field(True, description="on several processes, only the main process loads the teacher and "
+                                              "builds the networks with weights; the others build them on the meta "
+                                              "device (no memory) and receive their shards from it after sharding, "
+                                              "so one machine holds one full set of the networks, not one per "
+                                              "process")
 
 
 class TrainerConfig(Section):

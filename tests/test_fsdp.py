@@ -69,8 +69,9 @@ def dmd2_runs(tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     common = ("trainer.parallel=fsdp2", "run.max_steps=4", "trainer.ema_decay=0.9")
     two, one, back2, back1 = (root / n for n in ("two", "one", "resumed_on_two", "resumed_on_one"))
-    launch(DUMP, str(two / "dump"), str(DIGITS_YAML),
-           *tiny_overrides(tiny_teacher, two, *common, "trainer.checkpoint_every=2", "export.at_end=true"))
+    log2 = launch(DUMP, str(two / "dump"), str(DIGITS_YAML),
+                  *tiny_overrides(tiny_teacher, two, *common, "trainer.checkpoint_every=2",
+                                  "export.at_end=true")).stderr
     one_process(one / "dump", DIGITS_YAML, *tiny_overrides(tiny_teacher, one, *common, "export.at_end=true",
                                                            "trainer.gradient_accumulation_steps=2"))
     ckpt = two / "checkpoints" / "step-00000002"
@@ -79,8 +80,8 @@ def dmd2_runs(tiny_teacher, tmp_path_factory):
     log1 = one_process(back1 / "dump", DIGITS_YAML,
                        *tiny_overrides(tiny_teacher, back1, *common, f"trainer.resume={ckpt}",
                                        "trainer.gradient_accumulation_steps=2")).stderr
-    return {"root": root, "two": two, "one": one, "back2": back2, "back1": back1, "log1": log1,
-            "teacher": tiny_teacher}
+    return {"root": root, "two": two, "one": one, "back2": back2, "back1": back1, "log1": log1, "log2": log2,
+            "teacher": tiny_teacher, "common": common}
 
 
 def test_fsdp2_ranks_agree_and_equal_one_process_on_the_same_global_batch(dmd2_runs):
@@ -94,6 +95,42 @@ def test_fsdp2_ranks_agree_and_equal_one_process_on_the_same_global_batch(dmd2_r
     teacher = load_file(dmd2_runs["teacher"] / "unet" / "diffusion_pytorch_model.safetensors")
     trained = {k.split("model.", 1)[1]: v for k, v in r0["generator"].items()}
     assert any(not torch.equal(trained[k], v) for k, v in teacher.items()), "the student did not train"
+
+
+def test_the_second_process_builds_on_the_meta_device_and_receives_the_same_weights(dmd2_runs, tmp_path):
+    """trainer.fsdp.meta_init (the default): only the main process loads the teacher and builds the networks with
+    weights; the other receives its shards. The run is the one in which every process builds its own, bit for bit."""
+    assert "the other 1 process(es) built them on the meta device and received their shards" in dmd2_runs["log2"]
+    every = tmp_path / "every"
+    log = launch(DUMP, str(every / "dump"), str(DIGITS_YAML),
+                 *tiny_overrides(dmd2_runs["teacher"], every, *dmd2_runs["common"],
+                                 "trainer.fsdp.meta_init=false")).stderr
+    assert "meta device" not in log
+    for rank in (0, 1):
+        meta, built = dumped(dmd2_runs["two"], rank), dumped(every, rank)
+        for net in ("generator", "critic", "ema"):
+            assert max_diff(meta[net], built[net]) == 0.0, (rank, net)
+
+
+def test_a_meta_built_network_takes_the_main_layout_or_names_what_differs():
+    from torch import nn
+
+    from distill.training.parallel import MainWeights
+
+    main = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    main[1].to(torch.float64)
+    layout = [(q, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+              for q, t in ((s[0], s[1]._parameters[s[3]]) for s in MainWeights([("net", main)], True).slots)]
+    with torch.device("meta"):
+        other = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    weights = MainWeights([("net", other)], False)
+    weights._take_layout(layout)  # the main's dtypes, taken on the meta device
+    assert [p.dtype for p in other.parameters()] == [torch.float32] * 2 + [torch.float64] * 2
+    with torch.device("meta"):
+        wrong = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5))
+    with pytest.raises(RuntimeError, match=r"built net\.0\.weight \(5, 3\) on the meta device where the main "
+                                           r"process has net\.0\.weight \(4, 3\).*meta_init=false"):
+        MainWeights([("net", wrong)], False)._take_layout(layout)
 
 
 def test_fsdp2_checkpoints_are_sharded_safetensors(dmd2_runs):

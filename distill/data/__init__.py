@@ -7,9 +7,9 @@ from __future__ import annotations
 from distill.data.digits import DigitsDataset
 
 
-def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
+def make_dataset(name: str, resolution: int, data_config=None, teacher=None, device=None):
     """The data set of `data.name`; "prompts" and "images" need the data section and the loaded teacher (its
-    pipeline folder)."""
+    pipeline folder), and encode on `device` (default: the teacher network's)."""
     if name == "digits":
         return DigitsDataset(resolution)
     if name == "toy":  # 2-D points of the Gaussian mixture in distill/data/toy.py; `resolution` does not apply
@@ -23,7 +23,7 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
         from distill.data.prompts import PromptDataset
 
         src = teacher.source
-        device = next(teacher.model.parameters()).device
+        device = device or next(teacher.model.parameters()).device
         return PromptDataset(Path(src["folder"]), resolve_path(data_config.prompts), resolution,
                              Path(data_config.cache_dir).expanduser(), data_config.num_frames, teacher.prediction,
                              device)
@@ -33,7 +33,7 @@ def make_dataset(name: str, resolution: int, data_config=None, teacher=None):
         from distill.data.images import ImageDataset
 
         src = teacher.source
-        device = next(teacher.model.parameters()).device
+        device = device or next(teacher.model.parameters()).device
         return ImageDataset(Path(src["folder"]), Path(data_config.images).expanduser(), resolution,
                             Path(data_config.cache_dir).expanduser(), teacher.prediction, device)
     raise ValueError(f"data.name: unknown dataset {name!r}; available: ['digits', 'images', 'prompts', 'toy']")

@@ -176,12 +176,17 @@ def load_denoiser(
     dtype: torch.dtype = torch.float32,
     trainable: bool = False,
     resolution: int | None = None,
+    meta: bool = False,
 ) -> Denoiser:
     """Load a denoiser from a diffusers pipeline-style folder (`<subfolder>/` network + `scheduler/` config).
 
     `prediction` overrides the kind inferred from the scheduler (e.g. "edm" for an EDM-preconditioned teacher
     stored with a CMStochasticIterativeScheduler config, which carries the same c_in and c_noise). `resolution`
-    (pixels) sets the shift of a dynamic-shift flow teacher (Flux), as its pipeline does at that size.
+    (pixels) sets the shift of a dynamic-shift flow teacher (Flux), as its pipeline does at that size. `meta`: the
+    network built from its config alone on the meta device (no weights read, no memory), in `dtype` but for the
+    modules diffusers keeps in float32 (`_keep_in_fp32_modules`), as `from_pretrained(torch_dtype=)` loads it: what
+    `distill plan` traces, and what the processes other than the main build under FSDP2 before they receive the
+    main's weights (distill.training.parallel.receive_weights).
     """
     root = Path(path)
     if not root.is_dir():
@@ -208,7 +213,16 @@ def load_denoiser(
         from distill.base.errors import ConfigError
 
         raise ConfigError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
-    model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
+    if meta:
+        with torch.device("meta"):
+            model = model_cls.from_config(model_config)
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.is_floating_point() and not any(k in name.split(".") for k in keep):
+                    p.data = p.data.to(dtype)
+    else:
+        model = model_cls.from_pretrained(root / subfolder, torch_dtype=dtype, use_safetensors=True)
     model.requires_grad_(trainable)
     model.train(trainable)
     denoiser = Denoiser(model, process, prediction or default_kind, family_for(model))

@@ -160,11 +160,7 @@ def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[n
         done.append(net)
 
     base = teacher_network(teacher)
-    trained_nets = [n for r in (recipe.generator, recipe.critic) for n in networks(r)]
-    shared_base = any(base is n for n in trained_nets) or any(
-        isinstance(m, AdapterDenoiser) for r in (recipe.generator, recipe.critic) if r is not None
-        for m in r.modules())
-    if shared_base:  # adapter roles: the base holds the LoRA factors that train, in the trained dtype
+    if shares_base(recipe, teacher):  # adapter roles: the base holds the LoRA factors that train, in the trained dtype
         shard(base, trained_mp, fc.offload)
     else:
         shard(base, teacher_mp, cfg.teacher.offload)
@@ -183,6 +179,28 @@ def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[n
             fully_shard(m, mesh=mesh, mp_policy=trained_mp, offload_policy=_offload_policy(fc.offload),
                         reshard_after_forward=fc.reshard_after_forward)
     logger.info("FSDP2: %d network(s) sharded over %d process(es)", len(done), mesh.size())
+
+
+def shares_base(recipe, teacher: Denoiser) -> bool:
+    """Whether the trained roles are adapters on the teacher's network (recipe.adapters: true): it then trains
+    through its LoRA factors, and is sharded (and offloaded) as a trained network."""
+    base = teacher_network(teacher)
+    trained_nets = [n for r in (recipe.generator, recipe.critic) for n in networks(r)]
+    return any(base is n for n in trained_nets) or any(
+        isinstance(m, AdapterDenoiser) for r in (recipe.generator, recipe.critic) if r is not None
+        for m in r.modules())
+
+
+def meta_init_devices(recipe, teacher: Denoiser, cfg: Config, device: torch.device,
+                      extra: list[nn.Module | None] = ()) -> dict[int, torch.device]:
+    """Where each role's shards live (`id(role)` -> device), for :meth:`MainWeights.send`: the CPU for what FSDP2
+    offloads (the teacher with teacher.offload, the trained roles with trainer.fsdp.offload), else `device`."""
+    cpu = torch.device("cpu")
+    trained = cpu if cfg.trainer.fsdp.offload else device
+    teacher_offloaded = cfg.trainer.fsdp.offload if shares_base(recipe, teacher) else cfg.teacher.offload
+    out = {id(teacher): cpu if teacher_offloaded else device}
+    out.update({id(r): trained for r in (recipe.generator, recipe.critic, *extra) if r is not None})
+    return out
 
 
 def _unsharded_subtrees(role: nn.Module) -> list[nn.Module]:
@@ -301,3 +319,102 @@ def materialize(skel: nn.Module, states: list[dict[str, torch.Tensor]]) -> nn.Mo
                                                        requires_grad=p.requires_grad)
         module.load_state_dict(state, strict=True)
     return skel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building on the meta device: the processes other than the main receive its weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _slots(roots: list[tuple[str, nn.Module | None]]) -> list[tuple[str, nn.Module, str, str]]:
+    """Every parameter and buffer slot of the named `roots`: (qualified name, module, "param" | "buffer", name),
+    each module once, in the modules' order. The same list on every process (the same architecture), before and
+    after sharding (FSDP2 keeps the modules and their names; it replaces the tensors in the slots)."""
+    seen: set[int] = set()
+    out = []
+    for label, root in roots:
+        if root is None:
+            continue
+        for path, m in root.named_modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            prefix = f"{label}.{path}" if path else label
+            out += [(f"{prefix}.{n}", m, "param", n) for n, p in m._parameters.items() if p is not None]
+            out += [(f"{prefix}.{n}", m, "buffer", n) for n, b in m._buffers.items() if b is not None]
+    return out
+
+
+def _slot_tensor(slot) -> torch.Tensor:
+    _, m, kind, name = slot
+    return (m._parameters if kind == "param" else m._buffers)[name]
+
+
+class MainWeights:
+    """What `trainer.fsdp.meta_init` needs between building and sharding: on the main process, the full tensor of
+    every parameter and buffer of the roles (kept until sent); on the others, nothing (their networks are on the
+    meta device). Made before sharding by :meth:`before_sharding` (which also makes every process's architecture
+    the main's: the same slots and shapes, else an error naming the first that differs; the main's dtypes, which a
+    meta tensor takes for free); sent after sharding by :meth:`send`."""
+
+    def __init__(self, roots: list[tuple[str, nn.Module | None]], is_main: bool):
+        self.roots = [(label, root) for label, root in roots if root is not None]
+        self.is_main = is_main
+        self.slots = _slots(self.roots)
+        self.kept = [_slot_tensor(s).detach() for s in self.slots] if is_main else None
+
+    @classmethod
+    def before_sharding(cls, roots: list[tuple[str, nn.Module | None]], is_main: bool) -> "MainWeights":
+        import torch.distributed as dist
+
+        weights = cls(roots, is_main)
+        layout = [[(q, tuple(_slot_tensor(s).shape), str(_slot_tensor(s).dtype).removeprefix("torch."))
+                   for s in weights.slots for q in (s[0],)] if is_main else None]
+        dist.broadcast_object_list(layout, src=0)
+        if not is_main:
+            weights._take_layout(layout[0])
+        return weights
+
+    def _take_layout(self, layout: list[tuple[str, tuple[int, ...], str]]) -> None:
+        for slot, (qual, shape, dtype) in zip(self.slots, layout):
+            t = _slot_tensor(slot)
+            if slot[0] != qual or tuple(t.shape) != shape:
+                raise RuntimeError(f"trainer.fsdp.meta_init: this process built {slot[0]} {tuple(t.shape)} on the "
+                                   f"meta device where the main process has {qual} {shape}; set "
+                                   "trainer.fsdp.meta_init=false")
+            if str(t.dtype).removeprefix("torch.") != dtype:
+                _, m, kind, name = slot
+                with torch.no_grad():
+                    if kind == "param":
+                        t.data = t.data.to(getattr(torch, dtype))
+                    else:
+                        m._buffers[name] = t.to(getattr(torch, dtype))
+        if len(layout) != len(self.slots):
+            raise RuntimeError(f"trainer.fsdp.meta_init: this process built {len(self.slots)} parameters and buffers "
+                               f"on the meta device, the main process {len(layout)}; set trainer.fsdp.meta_init=false")
+
+    def send(self, devices: dict[int, torch.device]) -> None:
+        """After sharding: the others make their networks real (`to_empty` on `devices[id(root)]`), then every
+        slot gets the main's values: a shard (`distribute_tensor` scatters the main's full tensor) or a whole
+        tensor (broadcast), one slot at a time. The main's full tensors are released as they are sent."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not self.is_main:
+            for _, root in self.roots:
+                root.to_empty(device=devices[id(root)])
+        with torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                t = _slot_tensor(slot)
+                if isinstance(t, DTensor):
+                    local = t.to_local()
+                    full = self.kept[i] if self.is_main else torch.empty(t.shape, dtype=t.dtype, device=local.device)
+                    mine = distribute_tensor(full.to(local.device), t.device_mesh, t.placements, src_data_rank=0)
+                    local.copy_(mine.to_local())
+                else:
+                    full = self.kept[i].to(t.device) if self.is_main else t
+                    dist.broadcast(full, src=0)
+                    if self.is_main and full.data_ptr() != t.data_ptr():
+                        t.copy_(full)
+                if self.is_main:
+                    self.kept[i] = None

@@ -43,18 +43,21 @@ def build_recipe(cfg: Config, device: torch.device,
 
 
 def build_run(cfg: Config, device: torch.device,
-              main_process_first: Callable[[], ContextManager] = contextlib.nullcontext):
+              main_process_first: Callable[[], ContextManager] = contextlib.nullcontext, meta: bool = False):
     """:func:`build_recipe`, also returning the teacher as loaded (the trainer shards it under FSDP2):
-    (recipe, dataset, teacher)."""
+    (recipe, dataset, teacher). `meta`: the teacher's network is built on the meta device from its config (no
+    weights read), so the recipe's copies of it are meta too; the caller fills them
+    (distill.training.parallel.receive_weights). The data set is made on `device` either way."""
     from distill.data import make_dataset
     from distill.models.denoiser import load_denoiser
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher.dtype]
     teacher = load_denoiser(resolve_path(cfg.teacher.path), prediction=cfg.teacher.prediction,
-                            resolution=cfg.data.resolution, dtype=dtype)
-    teacher.to(device)
+                            resolution=cfg.data.resolution, dtype=dtype, meta=meta)
+    if not meta:
+        teacher.to(device)
     with main_process_first():
-        dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher)
+        dataset = make_dataset(cfg.data.name, cfg.data.resolution, cfg.data, teacher, device)
     null = getattr(dataset, "null_condition", None)
     if null:  # text families: guidance's unconditional half is the pipeline's empty prompt
         teacher.family.set_null_embeddings(null)
@@ -62,7 +65,7 @@ def build_run(cfg: Config, device: torch.device,
     if recipe.critic is not None and type(recipe).critic_loss is Recipe.critic_loss:
         raise TypeError(f"recipe {cfg.recipe_name}: {type(recipe).__name__} has a critic but no critic_loss")
     for net in (recipe.generator, recipe.critic):
-        if net is not None:
+        if net is not None and not meta:  # meta: moved when made real (to_empty)
             net.to(device)
     return recipe, dataset if recipe.dataset is None else recipe.dataset, teacher
 

@@ -48,7 +48,10 @@ class Trainer:
 
         from distill.training.registry import build_run
 
-        self.recipe, self.dataset, teacher = build_run(cfg, acc.device, acc.main_process_first)
+        # FSDP2 on several processes: the others build on the meta device and receive the main's weights
+        meta_init = cfg.trainer.parallel == "fsdp2" and acc.num_processes > 1 and cfg.trainer.fsdp.meta_init
+        self.recipe, self.dataset, teacher = build_run(cfg, acc.device, acc.main_process_first,
+                                                       meta=meta_init and not acc.is_main_process)
         if cfg.trainer.sample_every and getattr(self.dataset, "latent", False):
             raise ConfigError("trainer.sample_every: sample grids are drawn for pixel-space teachers; this teacher "
                               f"samples VAE latents {tuple(self.dataset.image_shape)}. Set trainer.sample_every=0 "
@@ -71,7 +74,16 @@ class Trainer:
                 raise ValueError(f"recipe target_decay must be in [0, 1), got {decay}")
             self.target_network = copy.deepcopy(self.recipe.generator).requires_grad_(False)
         if self.fsdp:
+            roles = [("teacher", teacher), ("generator", self.recipe.generator), ("critic", self.recipe.critic),
+                     ("target", self.target_network)]
+            weights = parallel.MainWeights.before_sharding(roles, acc.is_main_process) if meta_init else None
             parallel.shard_roles(self.recipe, teacher, cfg, extra=[self.target_network])
+            if weights is not None:
+                weights.send(parallel.meta_init_devices(self.recipe, teacher, cfg, acc.device,
+                                                        [self.target_network]))
+                logger.info("FSDP2: the networks were built with weights on the main process alone; the other "
+                            "%d process(es) built them on the meta device and received their shards",
+                            acc.num_processes - 1)
         elif self.sharded_checkpoints:
             logger.info("trainer.parallel=fsdp2 on one process: nothing to shard; checkpoints are written sharded")
         self._prepare()
