@@ -12,6 +12,9 @@
     distill eval EVALUATION ...              evaluate finished runs and teachers: digits RUN_DIR, text RUN_DIR,
                                              runs RUN_DIR..., steps RUN_DIR..., reflow, teacher, text-teacher
                                              (distill/evaluate.py; `distill eval -h`)
+    distill plan CONFIG [key=value ...] [--world-size N] [--gpu-memory GIB] [--model NAME] [--json]
+                                             the per-rank peak memory of one training step, by role, and whether
+                                             it fits; no GPU, no weights (distill/plan.py, docs/scale.md)
 """
 
 from __future__ import annotations
@@ -110,6 +113,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from distill.plan import load_plan_config, plan_config
+
+    cfg = load_plan_config(args.config, args.overrides)
+    plan = plan_config(cfg, world_size=args.world_size, gpu_memory_gib=args.gpu_memory, model=args.model,
+                       config_name=str(args.config))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Diffusion step distillation on diffusers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of recipes/<task>/NAME.yaml")
     d.set_defaults(fn=cmd_demo)
     add_eval_parser(sub)
+    pl = sub.add_parser("plan", help="per-rank peak memory of one training step of a config, without a GPU")
+    pl.add_argument("config", help="YAML config (a path, or a shipped one such as sdxl/dmd2.yaml)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.parallel=fsdp2")
+    pl.add_argument("--world-size", type=int, default=1, help="processes (GPUs) of the run (default 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
+    pl.add_argument("--model", default=None, help="a shipped model config (distill/assets/model_configs: sd15, "
+                    "sdxl, sd35_medium, flux_dev, wan_1_3b, ...) or a JSON file; default: the teacher folder's own "
+                    "configs, else the model config whose hub_ids list teacher.path")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per rank)")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distill"
 #: the stages, bottom first: a module may import its own stage and the stages below it, never one above.
 #: docs/design.md draws the same list (test_design_doc_draws_the_stages).
 STAGES = ["base", "config", "parametrization", "kernels", "families", "models", "data", "export", "training",
-          "recipes", "evaluation", "demo", "evaluate", "cli"]
+          "recipes", "plan", "evaluation", "demo", "evaluate", "cli"]
 
 
 def modules() -> dict[str, Path | None]:
