@@ -199,7 +199,9 @@ class LogVarianceHead(nn.Module):
 
     def forward(self, log_sigma: Tensor) -> Tensor:
         angles = log_sigma.float()[:, None] * self.frequencies[None]
-        return self.linear(torch.cat([angles.cos(), angles.sin()], dim=1)).squeeze(1)
+        # a new tensor, not a view: under FSDP2 the head is a root whose output takes a backward hook, which an
+        # in-place op on a view would drop (FSDP2 warns at every call)
+        return self.linear(torch.cat([angles.cos(), angles.sin()], dim=1)).squeeze(1).clone()
 
 
 class StudentWithLogVariance(nn.Module):
