@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -126,20 +126,25 @@ def _mesh():
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def _shard_network(net: nn.Module, mesh, mp, offload: bool, reshard: bool, fully_shard) -> None:
-    """`fully_shard` each block of `net`, then `net` itself (the rest of its parameters)."""
+def _shard_network(net: nn.Module, mesh, mp, offload: bool, reshard: bool, fully_shard, after) -> None:
+    """`fully_shard` each block of `net`, then `net` itself (the rest of its parameters); `after(module)` after
+    each."""
     policy = _offload_policy(offload)
     for block in blocks(net):
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=reshard)
+        after(block)
     fully_shard(net, mesh=mesh, mp_policy=mp, offload_policy=policy, reshard_after_forward=reshard)
+    after(net)
 
 
-def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[nn.Module | None] = ()) -> None:
+def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[nn.Module | None] = (),
+                after_each: Callable[[nn.Module], None] = lambda unit: None) -> None:
     """Shard the recipe's generator and critic and the frozen teacher in place with FSDP2 (`trainer.parallel:
     fsdp2`); `extra` are more roles sharded like the trained ones (the trainer's EMA target network). The
     networks keep their identity (a recipe's references stay valid); their parameters become DTensor shards. The
     teacher's network is sharded once even where the adapter roles share it as their base; an adapter role then
-    re-reads its LoRA parameters from the sharded base. Call before making the optimizers."""
+    re-reads its LoRA parameters from the sharded base. `after_each(unit)` runs after each `fully_shard` (on every
+    process, in the same order: :meth:`MainWeights.scatter`). Call before making the optimizers."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     fc = cfg.trainer.fsdp
@@ -154,7 +159,7 @@ def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[n
     def shard(net: nn.Module, mp, offload: bool) -> None:
         if any(net is d for d in done):
             return
-        _shard_network(net, mesh, mp, offload, fc.reshard_after_forward, fully_shard)
+        _shard_network(net, mesh, mp, offload, fc.reshard_after_forward, fully_shard, after_each)
         if mp.param_dtype is not None:
             net.__dict__["distill_compute_dtype"] = mp.param_dtype  # read by Denoiser.raw
         done.append(net)
@@ -178,6 +183,7 @@ def shard_roles(recipe, teacher: Denoiser, cfg: Config, mesh=None, extra: list[n
         for m in _unsharded_subtrees(role):
             fully_shard(m, mesh=mesh, mp_policy=trained_mp, offload_policy=_offload_policy(fc.offload),
                         reshard_after_forward=fc.reshard_after_forward)
+            after_each(m)
     logger.info("FSDP2: %d network(s) sharded over %d process(es)", len(done), mesh.size())
 
 
@@ -351,25 +357,46 @@ def _slot_tensor(slot) -> torch.Tensor:
 
 
 class MainWeights:
-    """What `trainer.fsdp.meta_init` needs between building and sharding: on the main process, the full tensor of
-    every parameter and buffer of the roles (kept until sent); on the others, nothing (their networks are on the
-    meta device). Made before sharding by :meth:`before_sharding` (which also makes every process's architecture
-    the main's: the same slots and shapes, else an error naming the first that differs; the main's dtypes, which a
-    meta tensor takes for free); sent after sharding by :meth:`send`."""
+    """What `trainer.fsdp.meta_init` needs between building and sharding. On the main process, the full tensor of
+    every parameter and buffer of the roles, each kept until it is sent; the others built theirs on the meta device.
 
-    def __init__(self, roots: list[tuple[str, nn.Module | None]], is_main: bool):
+    * :meth:`before_sharding` makes every process's architecture the main's: the same slots and shapes, else an
+      error naming the first that differs; the main's dtypes, which a meta tensor takes for free;
+    * :meth:`scatter`, after each `fully_shard` (`shard_roles(after_each=)`), makes the newly sharded parameters of
+      the others real (their shards only) and sends each its rows of the main's full tensor, which the main then
+      releases: no process holds more than one unit's tensors twice;
+    * :meth:`finish` broadcasts what FSDP2 does not shard (buffers).
+
+    Making a shard real uses FSDP2's own step after `to_empty` (`reset_sharded_param`, torch 2.13's private layout,
+    as `FSDPModule._apply` does), module by module, so the units sharded before keep what they received."""
+
+    def __init__(self, roots: list[tuple[str, nn.Module | None]], is_main: bool,
+                 devices: dict[int, torch.device] | None = None):
         self.roots = [(label, root) for label, root in roots if root is not None]
         self.is_main = is_main
         self.slots = _slots(self.roots)
+        devices = devices or {}
+        # each slot's device: its first root's (what FSDP2 offloads lives on the CPU)
+        self.devices, seen = [], set()
+        for _, root in self.roots:
+            for m in root.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    dev = devices.get(id(root), torch.device("cpu"))
+                    self.devices += [dev] * (sum(p is not None for p in m._parameters.values())
+                                             + sum(b is not None for b in m._buffers.values()))
         self.kept = [_slot_tensor(s).detach() for s in self.slots] if is_main else None
+        self.pending = list(range(len(self.slots)))  # not yet sharded and sent
+        self.sent: set[int] = set()  # the shards sent (id), each once whatever slots hold it
 
     @classmethod
-    def before_sharding(cls, roots: list[tuple[str, nn.Module | None]], is_main: bool) -> "MainWeights":
+    def before_sharding(cls, roots: list[tuple[str, nn.Module | None]], is_main: bool,
+                        devices: dict[int, torch.device]) -> "MainWeights":
         import torch.distributed as dist
 
-        weights = cls(roots, is_main)
-        layout = [[(q, tuple(_slot_tensor(s).shape), str(_slot_tensor(s).dtype).removeprefix("torch."))
-                   for s in weights.slots for q in (s[0],)] if is_main else None]
+        weights = cls(roots, is_main, devices)
+        layout = [[(s[0], tuple(_slot_tensor(s).shape), str(_slot_tensor(s).dtype).removeprefix("torch."))
+                   for s in weights.slots] if is_main else None]
         dist.broadcast_object_list(layout, src=0)
         if not is_main:
             weights._take_layout(layout[0])
@@ -393,28 +420,60 @@ class MainWeights:
             raise RuntimeError(f"trainer.fsdp.meta_init: this process built {len(self.slots)} parameters and buffers "
                                f"on the meta device, the main process {len(layout)}; set trainer.fsdp.meta_init=false")
 
-    def send(self, devices: dict[int, torch.device]) -> None:
-        """After sharding: the others make their networks real (`to_empty` on `devices[id(root)]`), then every
-        slot gets the main's values: a shard (`distribute_tensor` scatters the main's full tensor) or a whole
-        tensor (broadcast), one slot at a time. The main's full tensors are released as they are sent."""
-        import torch.distributed as dist
+    def scatter(self, unit: nn.Module | None) -> None:
+        """After `fully_shard(unit)`: every tensor it sharded gets its rows of the main's full tensor
+        (`distribute_tensor` from the main), and the main releases the full tensor."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        if not self.is_main:
-            for _, root in self.roots:
-                root.to_empty(device=devices[id(root)])
+        sharded = [i for i in self.pending if isinstance(_slot_tensor(self.slots[i]), DTensor)]
+        self.pending = [i for i in self.pending if i not in set(sharded)]
+        # a shard already sent through another slot (an adapter role re-reads its LoRA factors from the base)
+        fresh = [i for i in sharded if id(_slot_tensor(self.slots[i])) not in self.sent]
+        if not fresh:
+            return
+        if unit is None:
+            raise RuntimeError(f"trainer.fsdp.meta_init: {self.slots[fresh[0]][0]} was sharded outside a unit; set "
+                               "trainer.fsdp.meta_init=false")
         with torch.no_grad():
-            for i, slot in enumerate(self.slots):
-                t = _slot_tensor(slot)
-                if isinstance(t, DTensor):
-                    local = t.to_local()
-                    full = self.kept[i] if self.is_main else torch.empty(t.shape, dtype=t.dtype, device=local.device)
-                    mine = distribute_tensor(full.to(local.device), t.device_mesh, t.placements, src_data_rank=0)
-                    local.copy_(mine.to_local())
-                else:
-                    full = self.kept[i].to(t.device) if self.is_main else t
-                    dist.broadcast(full, src=0)
-                    if self.is_main and full.data_ptr() != t.data_ptr():
-                        t.copy_(full)
+            if not self.is_main:  # their shards made real, each owner module's own tensors (its buffers follow)
+                owners = {id(self.slots[i][1]): (self.slots[i][1], self.devices[i]) for i in fresh}
+                for m, dev in owners.values():
+                    m.to_empty(device=dev, recurse=False)
+                for group in unit._get_fsdp_state()._fsdp_param_groups:
+                    for fsdp_param in group.fsdp_params:
+                        fsdp_param.reset_sharded_param()
+            for i in fresh:
+                t = _slot_tensor(self.slots[i])
+                local = t.to_local()
+                full = self.kept[i].to(local.device) if self.is_main else \
+                    torch.empty(t.shape, dtype=t.dtype, device=local.device)
+                mine = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=0).to_local()
+                self.sent.add(id(t))
                 if self.is_main:
+                    self.kept[i] = None  # its shard is already this process's: sharded from the full tensor
+                else:
+                    local.copy_(mine)
+
+    def finish(self) -> None:
+        """After sharding: every tensor FSDP2 did not shard (buffers) is broadcast from the main."""
+        import torch.distributed as dist
+
+        self.scatter(None)  # slots sharded after the last unit: an adapter role's LoRA factors, re-read (sent)
+        with torch.no_grad():
+            for i in self.pending:
+                _, m, kind, name = self.slots[i]
+                t = _slot_tensor(self.slots[i])
+                if t.is_meta:
+                    real = torch.empty_like(t, device=self.devices[i])
+                    if kind == "param":
+                        t.data = real
+                    else:
+                        m._buffers[name] = real
+                    t = _slot_tensor(self.slots[i])
+                full = self.kept[i].to(t.device) if self.is_main else t
+                dist.broadcast(full, src=0)
+                if self.is_main:
+                    if full.data_ptr() != t.data_ptr():
+                        t.copy_(full)
                     self.kept[i] = None
+        self.pending = []

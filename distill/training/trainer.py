@@ -76,11 +76,13 @@ class Trainer:
         if self.fsdp:
             roles = [("teacher", teacher), ("generator", self.recipe.generator), ("critic", self.recipe.critic),
                      ("target", self.target_network)]
-            weights = parallel.MainWeights.before_sharding(roles, acc.is_main_process) if meta_init else None
-            parallel.shard_roles(self.recipe, teacher, cfg, extra=[self.target_network])
+            devices = parallel.meta_init_devices(self.recipe, teacher, cfg, acc.device, [self.target_network])
+            weights = parallel.MainWeights.before_sharding(roles, acc.is_main_process, devices) \
+                if meta_init else None
+            parallel.shard_roles(self.recipe, teacher, cfg, extra=[self.target_network],
+                                 after_each=weights.scatter if weights is not None else lambda unit: None)
             if weights is not None:
-                weights.send(parallel.meta_init_devices(self.recipe, teacher, cfg, acc.device,
-                                                        [self.target_network]))
+                weights.finish()
                 logger.info("FSDP2: the networks were built with weights on the main process alone; the other "
                             "%d process(es) built them on the meta device and received their shards",
                             acc.num_processes - 1)
