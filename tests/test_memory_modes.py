@@ -57,6 +57,25 @@ def test_gradient_checkpointing_combines_with_the_jvp(tiny_teacher, tmp_path):
     assert_equal_weights(two_steps(plain), two_steps(checkpointed), "sCM with gradient checkpointing")
 
 
+def test_gradient_checkpointing_combines_with_adapters(tiny_teacher, tmp_path):
+    """Student and fake score as adapters on one base: a block is recomputed in backward under the adapter it ran
+    forward with (distill.models.adapters.adapter_checkpointing), not the last one called; the run equals the plain
+    one."""
+    def run(path, *extra):
+        from tiny import tiny_overrides
+
+        return Trainer(load_config(ADAPTERS, tiny_overrides(tiny_teacher, path, "recipe.lora_rank=4",
+                                                            "trainer.generator.lr=1e-3", "trainer.critic.lr=1e-3",
+                                                            *extra)))
+
+    plain, checkpointed = run(tmp_path / "a"), run(tmp_path / "b", "trainer.gradient_checkpointing=true")
+    assert checkpointed.recipe.teacher.model.is_gradient_checkpointing  # the shared base trains through its LoRA
+    before = weights(checkpointed)
+    a, b = two_steps(plain), two_steps(checkpointed)
+    assert any(not torch.equal(before["generator"][k], b["generator"][k]) for k in b["generator"]), "nothing trained"
+    assert_equal_weights(a, b, "adapters with gradient checkpointing")
+
+
 def test_gradient_checkpointing_is_refused_by_name_for_a_network_without_it(tmp_path):
     cfg = load_config(REPO / "recipes" / "toy" / "dmd2.yaml",
                       [f"run.output_dir={tmp_path}", "trainer.gradient_checkpointing=true", "run.max_steps=1"])

@@ -147,20 +147,11 @@ def test_parameter_and_optimizer_bytes_are_exact_counts(digits_dmd2):
     assert roles["generator"].optimizer == 2 * 4 * numel + 4 * tensors
 
 
-#: adapters with gradient checkpointing: the trainer's backward recomputes a checkpointed block under the adapter
-#: active at backward time (the last role called), not the one of its forward; torch's checkpoint then refuses it
-#: ("a different number of tensors was saved"), in the trainer as in the plan
-ADAPTER_RECOMPUTATION = pytest.mark.xfail(reason="recipe.adapters with trainer.gradient_checkpointing: the "
-                                                 "recomputation runs under another adapter", strict=False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
 @pytest.mark.parametrize("config", ["digits/dmd2.yaml", "digits/dmd2_adapters.yaml", "digits/scm.yaml",
                                     "digits/rcm.yaml", "digits/lcm.yaml"])
-def test_the_plan_matches_the_traced_cpu_step(config, checkpointing, tmp_path, one_thread, request):
-    if checkpointing and "adapters" in config:
-        request.applymarker(ADAPTER_RECOMPUTATION)
+def test_the_plan_matches_the_traced_cpu_step(config, checkpointing, tmp_path, one_thread):
     compare(config, [*MATRIX, f"trainer.gradient_checkpointing={str(checkpointing).lower()}"], tmp_path)
 
 

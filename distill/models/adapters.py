@@ -84,6 +84,41 @@ def activate_adapter(model: nn.Module, name: str | None) -> None:
         p.requires_grad_(flag)
 
 
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter `model`'s LoRA layers route through (None: adapters off), as :func:`activate_adapter` set it."""
+    layers = _tuner_layers(model)
+    if not layers:
+        return None
+    layer = layers[0][1]
+    return None if layer.disable_adapters else layer.active_adapters[0]
+
+
+def adapter_checkpointing(module: nn.Module, *args):
+    """diffusers' gradient checkpointing call (`enable_gradient_checkpointing(gradient_checkpointing_func=)`) for a
+    network with adapters: torch's non-reentrant checkpoint, whose recomputation in backward runs under the adapter
+    active when the block ran forward, not the one active at backward time (the last role called). Without this the
+    student's blocks are recomputed through the fake score's adapter and torch refuses the different computation."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    name = active_adapter(module)
+
+    @contextlib.contextmanager
+    def recompute_under_forward_adapter():
+        now = active_adapter(module)
+        activate_adapter(module, name)
+        try:
+            yield
+        finally:
+            activate_adapter(module, now)
+
+    if not _tuner_layers(module):
+        return checkpoint(module.__call__, *args, use_reentrant=False)
+    return checkpoint(module.__call__, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), recompute_under_forward_adapter()))
+
+
 class AdapterDenoiser(nn.Module):
     """One role on a shared base: the Denoiser interface with adapter `adapter` on (None: the base alone).
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from distill.base.errors import ConfigError
 from distill.config import Config
-from distill.models.adapters import AdapterDenoiser
+from distill.models.adapters import AdapterDenoiser, adapter_checkpointing
 from distill.models.denoiser import Denoiser
 
 logger = logging.getLogger("distill")
@@ -94,7 +94,8 @@ def apply_memory_modes(recipe, teacher: Denoiser, cfg: Config, device: torch.dev
                 if not getattr(net, "_supports_gradient_checkpointing", False):
                     raise ConfigError(f"trainer.gradient_checkpointing: {type(net).__name__} (the {role_name}'s "
                                       "network) has no gradient checkpointing; set it to false")
-                net.enable_gradient_checkpointing()
+                has_adapters = any(".lora_" in n for n, _ in net.named_parameters())
+                net.enable_gradient_checkpointing(adapter_checkpointing if has_adapters else None)
     if cfg.teacher.offload and tc.parallel == "ddp":
         shared = {id(p) for r in (recipe.generator, recipe.critic) if r is not None for n in networks(r)
                   for p in n.parameters()}
