@@ -669,7 +669,8 @@ def iteration(run: Run) -> None:
         # networks, the optimizer states, the EMA), so the others repeat its memory exactly (tests/test_plan.py)
         update(run, "critic", 1)
     update(run, "generator", 0)
-    run.ema.step(r.generator.parameters())
+    if run.cfg.trainer.ema_decay != 0.0:  # decay 0: the averages are the weights (the trainer's raw_ema)
+        run.ema.step(r.generator.parameters())
     if run.target is not None:
         with torch.no_grad():
             for t, p in zip(run.target.parameters(), r.generator.parameters()):
@@ -721,9 +722,9 @@ def role_memory(run: Run, world_size: int, device: str) -> tuple[list[RoleMemory
     roles.append(RoleMemory("teacher" + (" (the adapters' base)" if shared else ""),
                             sum(tensor_bytes(p) for p in frozen),
                             on_host=offload_trained if shared else offload_teacher))
-    ema = sum(tensor_bytes(p) for p in run.ema.shadow_params)
+    ema = 0 if tc.ema_decay == 0.0 else sum(tensor_bytes(p) for p in run.ema.shadow_params)  # 0: the weights
     roles.append(RoleMemory("EMA of the generator", ema, on_host=getattr(tc, "ema_device", "device") == "cpu"
-                            and device == "cuda"))
+                            and device == "cuda" and ema > 0))
     if run.target is not None:
         roles.append(RoleMemory("target network", sum(tensor_bytes(p) for p in unique_params(run.target)),
                                 on_host=offload_trained))  # sharded (and offloaded) like the trained networks
@@ -826,7 +827,11 @@ def _plan(cfg: Config, folder: Path, model: ModelConfig | None, world_size: int,
             if device == "cuda":  # AdamW's default on CUDA: the foreach kernels (temporaries of all states at once)
                 for group in optimizers[name].param_groups:
                     group["foreach"] = True
-        ema = EMAModel(recipe.generator.parameters(), decay=tc.ema_decay)
+        if tc.ema_decay == 0.0:  # as the trainer: the averages are the generator's own weights, no copy
+            ema = EMAModel([], decay=0.0)
+            ema.shadow_params = list(recipe.generator.parameters())
+        else:
+            ema = EMAModel(recipe.generator.parameters(), decay=tc.ema_decay)
         initial_optimizer_states(optimizers.values())
         run = Run(cfg, recipe, teacher, dataset, optimizers, schedulers, ema, target, sharded,
                   autocast_for(resolve_mixed_precision(cfg, device)))

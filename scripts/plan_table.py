@@ -4,7 +4,8 @@
 
 Each cell is one plan (distill/plan.py) at `--world-size` ranks of `--gpu-memory` GiB, with the family's shipped DMD2
 config's resolution, frames and batch (recipes/<target>/dmd2.yaml), `teacher.dtype: bfloat16`,
-`trainer.mixed_precision: bf16`, `trainer.parallel: fsdp2` and `trainer.fsdp.param_dtype: --param-dtype`; the
+`trainer.mixed_precision: bf16`, `trainer.parallel: fsdp2`, `trainer.fsdp.param_dtype: --param-dtype` and
+`trainer.ema_decay: 0.99` (an EMA of the student kept; at 0 none is); the
 recipe section is the recipe's defaults (rCM and LCM train on data images, `data.name: images`). The modes add up
 from left to right after `adapters` (DMD2 only): full fine-tuning, LoRA adapters on one base, + gradient
 checkpointing, + CPU offload of every role's shards. Results are cached in `--cache` (one JSON line per cell), so a
@@ -48,6 +49,9 @@ MODES = {
     "+ CPU offload": ({}, {"gradient_checkpointing": True, "fsdp": {"offload": True}}, {"offload": True}),
 }
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)
+#: every cell keeps an EMA of the student, as most runs do (the shipped real-family configs' ema_decay 0 keeps none:
+#: their plans are lower by the EMA row, one float32 copy of the student / N)
+EMA_DECAY = 0.99
 
 
 def cell_config(family: str, recipe: str, mode: str, param_dtype: str = "float32") -> dict:
@@ -61,7 +65,7 @@ def cell_config(family: str, recipe: str, mode: str, param_dtype: str = "float32
     data["teacher"] = {**data["teacher"], "dtype": "bfloat16", **teacher_keys}
     fsdp = {"param_dtype": param_dtype, **trainer_keys.get("fsdp", {})}
     data["trainer"] = {**data.get("trainer", {}), "mixed_precision": "bf16", "parallel": "fsdp2", **trainer_keys,
-                       "fsdp": fsdp}
+                       "fsdp": fsdp, "ema_decay": EMA_DECAY}
     if RECIPES[recipe] != "dmd2":  # sCM, rCM and LCM noise data samples: captioned images as latents
         data["data"] = {**data["data"], "name": "images", "images": "images", "prompts": None}
     return data

@@ -180,3 +180,29 @@ def test_cached_prompt_embeddings_are_read_as_a_memory_map(tmp_path):
     assert str(file) in maps  # the file is mapped, not copied
     mapped["cond.ids"][0, 0] = 99  # copy-on-write: writable, and the file is unchanged
     assert load_file(file)["cond.ids"][0, 0] == 0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_an_ema_of_decay_0_is_the_weights_themselves(tiny_teacher, tmp_path, parallel):
+    """trainer.ema_decay 0 (the raw weights): no copy is kept; the averages are the generator's own parameters, the
+    counters still move, and a checkpoint (accelerate's format, or the sharded one) resumes into the same state."""
+    extra = ("trainer.ema_decay=0", f"trainer.parallel={parallel}")
+    trainer = Trainer(tiny_config(tiny_teacher, tmp_path / "a", *extra))
+    gen = list(trainer.recipe.generator.parameters())
+    assert len(trainer.ema.shadow_params) == len(gen) and all(s is p for s, p in zip(trainer.ema.shadow_params, gen))
+    trainer.train_step()
+    trainer.train_step()
+    assert trainer.ema.optimization_step == 2
+    ckpt = trainer.save_checkpoint()
+    with trainer.ema_weights() as g:
+        exported = {k: v.clone() for k, v in g.state_dict().items()}
+    assert all(torch.equal(exported[k], v) for k, v in trainer.recipe.generator.state_dict().items())
+    trainer.accelerator.end_training()
+
+    resumed = Trainer(tiny_config(tiny_teacher, tmp_path / "b", *extra))
+    resumed.load_checkpoint(ckpt)
+    gen = list(resumed.recipe.generator.parameters())
+    assert all(s is p for s, p in zip(resumed.ema.shadow_params, gen)), "the EMA no longer holds the weights"
+    assert resumed.ema.optimization_step == 2
+    assert all(torch.equal(exported[k], v) for k, v in resumed.recipe.generator.state_dict().items())
+    resumed.accelerator.end_training()

@@ -125,6 +125,14 @@ def test_the_plan_of_a_step_is_its_traced_peak(digits_dmd2):
     assert plan.peak == plan.traced_peak  # world size 1: nothing added or taken away
 
 
+def test_at_ema_decay_0_no_average_is_kept_in_the_plan_or_the_step(tmp_path, one_thread):
+    plan, real, trainer = compare("digits/dmd2.yaml", [*SMALL, "trainer.ema_decay=0"], tmp_path)
+    assert plan.traced_peak == pytest.approx(real["Total"], rel=1e-6)
+    roles = {r.role: r for r in plan.roles}
+    assert roles["EMA of the generator"].parameters == 0
+    assert plan.persistent == sum(r.parameters + r.optimizer for r in plan.roles) + plan.buffers
+
+
 def test_parameter_and_optimizer_bytes_are_exact_counts(digits_dmd2):
     plan, real, trainer = digits_dmd2
     roles = {r.role: r for r in plan.roles}

@@ -92,8 +92,14 @@ class Trainer:
 
         from diffusers.training_utils import EMAModel
 
-        self.ema = EMAModel(self.recipe.generator.parameters(), decay=cfg.trainer.ema_decay)
-        self.ema.to(self._ema_device())
+        #: trainer.ema_decay 0: the "average" is the raw weights, so its tensors are the generator's own (no copy)
+        self.raw_ema = cfg.trainer.ema_decay == 0.0
+        if self.raw_ema:
+            self.ema = EMAModel([], decay=0.0)
+            self._alias_raw_ema()
+        else:
+            self.ema = EMAModel(self.recipe.generator.parameters(), decay=cfg.trainer.ema_decay)
+            self.ema.to(self._ema_device())
         if not self.sharded_checkpoints:  # registered after the schedulers: the checkpoint's file order is fixed
             acc.register_for_checkpointing(self.ema)
             if self.target_network is not None:
@@ -276,9 +282,17 @@ class Trainer:
     def _ema_device(self) -> torch.device:
         return torch.device("cpu") if self.cfg.trainer.ema_device == "cpu" else self.accelerator.device
 
+    def _alias_raw_ema(self) -> None:
+        self.ema.shadow_params = list(self.recipe.generator.parameters())
+
     def _ema_step(self) -> None:
         """The generator's EMA update; with trainer.ema_device cpu the averages visit the device for it (diffusers'
-        EMAModel updates in place, on the weights' device)."""
+        EMAModel updates in place, on the weights' device). At decay 0 the averages are the weights: only the
+        counters move."""
+        if self.raw_ema:
+            self.ema.optimization_step += 1
+            self.ema.cur_decay_value = self.ema.get_decay(self.ema.optimization_step)
+            return
         params = self.recipe.generator.parameters()
         if self._ema_device() == self.accelerator.device:
             self.ema.step(params)
@@ -321,7 +335,9 @@ class Trainer:
         scheds = {"generator": self.generator_sched}
         if self.critic_sched is not None:
             scheds["critic"] = self.critic_sched
-        return checkpoints.ShardedParts(nets=nets, ema=self.ema.shadow_params, schedulers=scheds)
+        # at decay 0 the averages are the generator's weights, saved with it
+        ema = [] if self.raw_ema else self.ema.shadow_params
+        return checkpoints.ShardedParts(nets=nets, ema=ema, schedulers=scheds)
 
     def load_checkpoint(self, path: str | Path) -> None:
         if self.sharded_checkpoints:
@@ -330,6 +346,8 @@ class Trainer:
                 setattr(self.ema, k, v)
         else:
             state = checkpoints.load_checkpoint(self.accelerator, path)
+            if self.raw_ema:  # accelerate's load gave the EMA copies of the weights; it holds the weights again
+                self._alias_raw_ema()
         self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
         consecutive = state.get("consecutive_nonfinite")
@@ -364,14 +382,16 @@ class Trainer:
     def ema_weights(self) -> Iterator[nn.Module]:
         """The generator with EMA weights swapped in (restored afterwards)."""
         gen = self.recipe.generator
-        self.ema.store(gen.parameters())
-        self.ema.copy_to(gen.parameters())
+        if not self.raw_ema:  # at decay 0 the generator's weights are the averages
+            self.ema.store(gen.parameters())
+            self.ema.copy_to(gen.parameters())
         was_training = gen.training
         gen.eval()
         try:
             yield gen
         finally:
-            self.ema.restore(gen.parameters())
+            if not self.raw_ema:
+                self.ema.restore(gen.parameters())
             gen.train(was_training)
 
     def sample_grid(self, path: Path, n: int = 64) -> Path:
