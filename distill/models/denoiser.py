@@ -186,7 +186,7 @@ def load_denoiser(
     network built from its config alone on the meta device (no weights read, no memory), in `dtype` but for the
     modules diffusers keeps in float32 (`_keep_in_fp32_modules`), as `from_pretrained(torch_dtype=)` loads it: what
     `distill plan` traces, and what the processes other than the main build under FSDP2 before they receive the
-    main's weights (distill.training.parallel.receive_weights).
+    main's weights (distill.training.parallel.MainWeights).
     """
     root = Path(path)
     if not root.is_dir():

@@ -200,7 +200,7 @@ def shares_base(recipe, teacher: Denoiser) -> bool:
 
 def meta_init_devices(recipe, teacher: Denoiser, cfg: Config, device: torch.device,
                       extra: list[nn.Module | None] = ()) -> dict[int, torch.device]:
-    """Where each role's shards live (`id(role)` -> device), for :meth:`MainWeights.send`: the CPU for what FSDP2
+    """Where each role's shards live (`id(role)` -> device), for :class:`MainWeights`: the CPU for what FSDP2
     offloads (the teacher with teacher.offload, the trained roles with trainer.fsdp.offload), else `device`."""
     cpu = torch.device("cpu")
     trained = cpu if cfg.trainer.fsdp.offload else device
@@ -333,10 +333,11 @@ def materialize(skel: nn.Module, states: list[dict[str, torch.Tensor]]) -> nn.Mo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _slots(roots: list[tuple[str, nn.Module | None]]) -> list[tuple[str, nn.Module, str, str]]:
-    """Every parameter and buffer slot of the named `roots`: (qualified name, module, "param" | "buffer", name),
-    each module once, in the modules' order. The same list on every process (the same architecture), before and
-    after sharding (FSDP2 keeps the modules and their names; it replaces the tensors in the slots)."""
+def _slots(roots: list[tuple[str, nn.Module | None]]) -> list[tuple[str, nn.Module, str, str, nn.Module]]:
+    """Every parameter and buffer slot of the named `roots`: (qualified name, module, "param" | "buffer", name, the
+    first root that holds it), each module once, in the modules' order. The same list on every process (the same
+    architecture), before and after sharding (FSDP2 keeps the modules and their names; it replaces the tensors in
+    the slots)."""
     seen: set[int] = set()
     out = []
     for label, root in roots:
@@ -347,13 +348,13 @@ def _slots(roots: list[tuple[str, nn.Module | None]]) -> list[tuple[str, nn.Modu
                 continue
             seen.add(id(m))
             prefix = f"{label}.{path}" if path else label
-            out += [(f"{prefix}.{n}", m, "param", n) for n, p in m._parameters.items() if p is not None]
-            out += [(f"{prefix}.{n}", m, "buffer", n) for n, b in m._buffers.items() if b is not None]
+            out += [(f"{prefix}.{n}", m, "param", n, root) for n, p in m._parameters.items() if p is not None]
+            out += [(f"{prefix}.{n}", m, "buffer", n, root) for n, b in m._buffers.items() if b is not None]
     return out
 
 
 def _slot_tensor(slot) -> torch.Tensor:
-    _, m, kind, name = slot
+    _, m, kind, name, _ = slot
     return (m._parameters if kind == "param" else m._buffers)[name]
 
 
@@ -376,16 +377,8 @@ class MainWeights:
         self.roots = [(label, root) for label, root in roots if root is not None]
         self.is_main = is_main
         self.slots = _slots(self.roots)
-        devices = devices or {}
         # each slot's device: its first root's (what FSDP2 offloads lives on the CPU)
-        self.devices, seen = [], set()
-        for _, root in self.roots:
-            for m in root.modules():
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    dev = devices.get(id(root), torch.device("cpu"))
-                    self.devices += [dev] * (sum(p is not None for p in m._parameters.values())
-                                             + sum(b is not None for b in m._buffers.values()))
+        self.devices = [(devices or {}).get(id(s[4]), torch.device("cpu")) for s in self.slots]
         self.kept = [_slot_tensor(s).detach() for s in self.slots] if is_main else None
         self.pending = list(range(len(self.slots)))  # not yet sharded and sent
         self.sent: set[int] = set()  # the shards sent (id), each once whatever slots hold it
@@ -411,7 +404,7 @@ class MainWeights:
                                    f"meta device where the main process has {qual} {shape}; set "
                                    "trainer.fsdp.meta_init=false")
             if str(t.dtype).removeprefix("torch.") != dtype:
-                _, m, kind, name = slot
+                _, m, kind, name, _ = slot
                 with torch.no_grad():
                     if kind == "param":
                         t.data = t.data.to(getattr(torch, dtype))
@@ -427,7 +420,8 @@ class MainWeights:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         sharded = [i for i in self.pending if isinstance(_slot_tensor(self.slots[i]), DTensor)]
-        self.pending = [i for i in self.pending if i not in set(sharded)]
+        done = set(sharded)
+        self.pending = [i for i in self.pending if i not in done]
         # a shard already sent through another slot (an adapter role re-reads its LoRA factors from the base)
         fresh = [i for i in sharded if id(_slot_tensor(self.slots[i])) not in self.sent]
         if not fresh:
@@ -462,7 +456,7 @@ class MainWeights:
         self.scatter(None)  # slots sharded after the last unit: an adapter role's LoRA factors, re-read (sent)
         with torch.no_grad():
             for i in self.pending:
-                _, m, kind, name = self.slots[i]
+                _, m, kind, name, _ = self.slots[i]
                 t = _slot_tensor(self.slots[i])
                 if t.is_meta:
                     real = torch.empty_like(t, device=self.devices[i])

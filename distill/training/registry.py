@@ -47,7 +47,7 @@ def build_run(cfg: Config, device: torch.device,
     """:func:`build_recipe`, also returning the teacher as loaded (the trainer shards it under FSDP2):
     (recipe, dataset, teacher). `meta`: the teacher's network is built on the meta device from its config (no
     weights read), so the recipe's copies of it are meta too; the caller fills them
-    (distill.training.parallel.receive_weights). The data set is made on `device` either way."""
+    (distill.training.parallel.MainWeights). The data set is made on `device` either way."""
     from distill.data import make_dataset
     from distill.models.denoiser import load_denoiser
 
