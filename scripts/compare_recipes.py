@@ -6,8 +6,9 @@ multi-step recipes run their own k-step training; Phased DMD gets k phases) for 
 then scored at its trained step count. Samples are the EMA student's own k-step rollout (`recipe.generate`,
 which the export tests show equals its exported pipeline called with `num_inference_steps=k`), 898 images, labels
 0..9 in turn, fixed noise. Figures: FD-digits, classifier accuracy, precision and recall
-(`distill.demo.digits_judge.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of the same
-class, averaged over classes) and training seconds. The real train half gives the reference row.
+(`distill.demo.digits_judge.FDDigits.report`), diversity (mean pairwise judge-feature distance between samples of
+the same class, averaged over classes), training seconds, and a method's own figures (`recipe.diagnostics`). The real
+train half gives the reference row.
 
 Resumable: results live in `<out>/compare/results.json`, keyed by recipe, steps and budget; a measured entry is
 not rerun. One progress line per student. Cells trained in parallel, each process with its own `--out`, join the
@@ -20,6 +21,12 @@ one thread either way, so a cell's figures do not depend on N.
     python scripts/compare_recipes.py --budget 400 --steps 1 2 4 --jobs 2 [--recipes dmd2 phased_dmd]
     OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4   # the same cells, one at a time
     python scripts/compare_recipes.py --report-only --budget 400 --merge /tmp/cells_a /tmp/cells_b   # then commit docs/
+    python scripts/compare_recipes.py --budget 400 --steps 1 --seeds 0 1 2 --recipes dmd2 scm   # 3 training seeds
+
+Training seeds (`--seeds`): each seed S is the cell run with `run.seed=S` (seed 0, every config's own, needs no
+override), so seed S's entry is the one `--set run.seed=S` makes and merges with it. Entries that differ only in
+`run.seed` form one row of the table: every figure as the mean over seeds with their sample standard deviation
+(`mean ± sd`), and the FD-digits of each seed; a one-seed row has no spread and says so (`seeds` 1).
 """
 
 from __future__ import annotations
@@ -92,10 +99,17 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
             cond = {"class_labels": labels[chunk: chunk + 256]}
             images.append(trainer.recipe.generate(gen, cond, noise[chunk: chunk + 256]).float().cpu())
     images = torch.cat(images).clamp(-1, 1)
+    diagnostics = {}
+    if callable(getattr(trainer.recipe, "diagnostics", None)):  # a method's own figure (a residual, ...)
+        with torch.no_grad(), trainer.ema_weights() as gen:
+            cond = {"class_labels": labels[:256]}
+            diagnostics = {k: float(v) for k, v in trainer.recipe.diagnostics(gen, cond, noise[:256]).items()}
     if grids is not None:  # 10 samples of each class, one class per column
         save_grid(images[:100], grids / grid_name(name, steps, overrides), nrow=10, scale=2)
     report = judge.report(images, labels)
     report["diversity"] = class_diversity(judge.features(images), labels)
+    if diagnostics:
+        report["diagnostics"] = diagnostics
     report.update({"recipe": name, "steps": steps, "budget": cfg.run.max_steps, "train_seconds": seconds})
     return report
 
@@ -221,38 +235,99 @@ def teacher_pairs(config: Path) -> int:
     return int(pairs.get("num_pairs", 0)) if isinstance(pairs, dict) else 0
 
 
+SEED_SET = "run.seed="
+
+
+def split_seed(label: str) -> tuple[str, int | None]:
+    """'dmd2 (run.seed=1)' -> ('dmd2', 1); 'x (recipe.k=v run.seed=2)' -> ('x (recipe.k=v)', 2); a label without
+    run.seed is the config's own seed (None)."""
+    if " (" not in label or not label.endswith(")"):
+        return label, None
+    name, sets = label[:-1].split(" (", 1)
+    items = sets.split()
+    seeds = [int(i[len(SEED_SET):]) for i in items if i.startswith(SEED_SET)]
+    rest = [i for i in items if not i.startswith(SEED_SET)]
+    return (f"{name} ({' '.join(rest)})" if rest else name), (seeds[-1] if seeds else None)
+
+
+def key_sets(key: str) -> str:
+    """The --set part of a results key, without its run.seed (the seeds of one cell share a row)."""
+    sets = key.split("|set=", 1)[1] if "|set=" in key else ""
+    return " ".join(i for i in sets.split() if not i.startswith(SEED_SET))
+
+
+def seed_rows(results: dict[str, dict]) -> list[dict]:
+    """The table's rows: entries that differ only in run.seed grouped, in (label, steps) order; each row holds its
+    `runs` in seed order (the config's own seed, written 0, first)."""
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for r in results.values():
+        base, seed = split_seed(r.get("label", r["recipe"]))
+        groups.setdefault((base, r["steps"], r["budget"]), []).append((seed or 0, r))
+    rows = []
+    for (base, steps, budget), members in sorted(groups.items()):
+        members.sort(key=lambda m: m[0])
+        rows.append({"label": base, "recipe": members[0][1]["recipe"], "steps": steps, "budget": budget,
+                     "seeds": [m[0] for m in members], "runs": [m[1] for m in members]})
+    return rows
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value: no spread measured)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if len(values) > 1 else None)
+
+
+def spread_cell(values: list[float], digits: int = 3) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def diagnostics_cell(runs: list[dict]) -> str:
+    """A method's own figures (`recipe.diagnostics`), each as its mean (and sd) over seeds; '-' for none."""
+    keys = sorted({k for r in runs for k in r.get("diagnostics", {})})
+    return ", ".join(f"{k} {spread_cell([r['diagnostics'][k] for r in runs if k in r.get('diagnostics', {})], 4)}"
+                     for k in keys) or "-"
+
+
 def write_outputs(results: dict[str, dict], reference: dict, out: Path, command: str,
                   pairs: dict[str, int] | None = None) -> None:
     pairs = pairs or {}
-    rows = sorted(results.values(), key=lambda r: (r.get("label", r["recipe"]), r["steps"]))
+    rows = seed_rows(results)
     lines = ["# Recipes side by side on the digits teacher", "",
              "Each student is trained for its step count at the same budget of generator updates and scored on "
              "898 samples (its own k-step rollout, equal to its export) against digits half A with the FD-digits "
              "judge (`docs/fd_digits.md`; not Inception FID). Diversity: mean pairwise judge-feature distance within "
              "a class. The real train half B is the reference row (the floor). \"teacher pairs\": the teacher ODE "
              "solutions a pair-trained recipe learns from, made once (`distill pairs`) before training and not counted "
-             "in its train seconds; the other recipes query the teacher during training.", "",
+             "in its train seconds; the other recipes query the teacher during training. \"seeds\": training seeds "
+             "(`run.seed`) of the row; with more than one, every figure is the mean over them ± their sample standard "
+             "deviation and \"FD per seed\" lists each seed's FD-digits (the spread a difference must exceed to be "
+             "told apart). \"other\": a method's own figure (`recipe.diagnostics`).", "",
              f"Command: `{command}`" + ("; a row labelled `NAME (KEY=VALUE)` is the same command with `--recipes NAME "
-                                        "--set KEY=VALUE`" if any("label" in r and r["label"] != r["recipe"]
-                                                                 for r in rows) else "")
+                                        "--set KEY=VALUE`" if any(r["label"] != r["recipe"] for r in rows) else "")
              + " (`--jobs N` measures N cells at a time, each on one thread as here: the same figures)", "",
-             "| recipe | steps | updates | teacher pairs | train s | FD-digits | accuracy | precision | recall | "
-             "diversity |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| real half B (floor) | - | - | - | - | {reference['fd_digits']:.3f} | {reference['accuracy']:.3f} | "
-             f"{reference['precision']:.3f} | {reference['recall']:.3f} | {reference['diversity']:.3f} |"]
-    for r in rows:
-        lines.append(f"| {r.get('label', r['recipe'])} | {r['steps']} | {r['budget']} | "
-                     f"{pairs.get(r['recipe']) or '-'} | {r['train_seconds']:.0f} | "
-                     f"{r['fd_digits']:.3f} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['diversity']:.3f} |")
+             "| recipe | steps | updates | teacher pairs | seeds | train s | FD-digits | FD per seed | accuracy | "
+             "precision | recall | diversity | other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| real half B (floor) | - | - | - | - | - | {reference['fd_digits']:.3f} | - | "
+             f"{reference['accuracy']:.3f} | {reference['precision']:.3f} | {reference['recall']:.3f} | "
+             f"{reference['diversity']:.3f} | - |"]
+    for row in rows:
+        runs = row["runs"]
+        per_seed = ", ".join(f"{r['fd_digits']:.3f}" for r in runs) if len(runs) > 1 else "-"
+        lines.append(f"| {row['label']} | {row['steps']} | {row['budget']} | {pairs.get(row['recipe']) or '-'} | "
+                     f"{len(runs)} | {mean_sd([r['train_seconds'] for r in runs])[0]:.0f} | "
+                     f"{spread_cell([r['fd_digits'] for r in runs])} | {per_seed} | "
+                     + " | ".join(spread_cell([r[k] for r in runs]) for k in ("accuracy", "precision", "recall",
+                                                                               "diversity"))
+                     + f" | {diagnostics_cell(runs)} |")
     lines += ["", "![FD-digits against steps](compare/fd_digits.png) ![diversity against steps](compare/diversity.png)",
               ""]
     (out / "compare_recipes.md").write_text("\n".join(lines))
     for key, label in (("fd_digits", "FD-digits"), ("diversity", "diversity")):
         series: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            series.setdefault(r.get("label", r["recipe"]), []).append((r["steps"], r[key]))
+        for row in rows:  # the mean over seeds
+            series.setdefault(row["label"], []).append((row["steps"], mean_sd([r[key] for r in row["runs"]])[0]))
         line_chart(series, out / "compare" / f"{key}.png", "digits teacher", label, reference=reference[key])
 
 
@@ -261,24 +336,34 @@ def progress_line(r: dict) -> str:
             f"{r['recall']:.3f}, diversity {r['diversity']:.3f}, {r['train_seconds']:.0f}s")
 
 
-def cell_command(name: str, steps: int, args, out: Path) -> list[str]:
-    """The child process that measures one cell: this script on that recipe and step count, into `out`."""
+def cell_command(name: str, steps: int, args, out: Path, sets: list[str] | None = None) -> list[str]:
+    """The child process that measures one cell: this script on that recipe and step count, into `out`, with the
+    cell's overrides `sets` (default: --set's; a training seed adds run.seed)."""
+    sets = list(args.set) if sets is None else sets
     command = [sys.executable, str(Path(__file__).resolve()), "--recipes", name, "--steps", str(steps),
                "--seed", str(args.seed), "--out", str(out)]
     command += ["--budget", str(args.budget)] if args.budget is not None else []
-    return command + (["--set", *args.set] if args.set else [])
+    return command + (["--set", *sets] if sets else [])
 
 
-def run_in_parallel(cells: list[tuple[int, str, int]], total: int, jobs: int, args, configs: dict[str, Path],
+def cell_sets(config: Path, overrides: list[str], seed: int | None) -> list[str]:
+    """The overrides of one cell: --set's, plus run.seed=S when training seed S is not the config's own."""
+    import yaml
+
+    own = int(((yaml.safe_load(config.read_text()) or {}).get("run") or {}).get("seed", 0))
+    return list(overrides) + ([f"{SEED_SET}{seed}"] if seed is not None and seed != own else [])
+
+
+def run_in_parallel(cells: list[tuple[int, str, int, list[str]]], total: int, jobs: int, args, configs: dict[str, Path],
                     results: dict[str, dict], results_file: Path, tmp: Path) -> int:
-    """Measure `cells` ((index, name, steps), none measured yet) `jobs` at a time, each in a child process of this
-    script (one thread, its own --out under `tmp`); each child's entry and grid join `results` as it ends. Returns
-    how many cells failed (each said with its log's last lines; the others go on)."""
+    """Measure `cells` ((index, name, steps, overrides), none measured yet) `jobs` at a time, each in a child process
+    of this script (one thread, its own --out under `tmp`); each child's entry and grid join `results` as it ends.
+    Returns how many cells failed (each said with its log's last lines; the others go on)."""
     from distill.base.errors import ConfigError
     from distill.data.pairs import ensure_store
     from distill.training.preflight import load_config
 
-    for name in dict.fromkeys(name for _, name, _ in cells):  # shared pair stores: made here once, not raced for
+    for name in dict.fromkeys(name for _, name, _, _ in cells):  # shared pair stores: made here once, not raced for
         try:
             ensure_store(load_config(configs[name], list(args.set)))
         except ConfigError:
@@ -287,11 +372,11 @@ def run_in_parallel(cells: list[tuple[int, str, int]], total: int, jobs: int, ar
     pending, running, failed = list(cells), [], 0
     while pending or running:
         while pending and len(running) < jobs:
-            i, name, k = pending.pop(0)
+            i, name, k, sets = pending.pop(0)
             out = tmp / f"cell{i}"
             out.mkdir()
             log = open(out / "log.txt", "w")
-            running.append((i, name, k, out, log, subprocess.Popen(cell_command(name, k, args, out), stdout=log,
+            running.append((i, name, k, out, log, subprocess.Popen(cell_command(name, k, args, out, sets), stdout=log,
                                                                     stderr=subprocess.STDOUT,
                                                                     env=env, cwd=Path.cwd())))
             print(f"[{i + 1}/{total}] {name} {k}-step: started (log {out / 'log.txt'})", flush=True)
@@ -336,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides for every run (e.g. teacher.path=... for a test teacher)")
     ap.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="cells measured at a time, each a child process on one thread (default 1: in this process)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                    help="training seeds, each cell trained once per seed (run.seed=S); the table gives their mean "
+                         "and spread (default: the configs' own seed)")
     args = ap.parse_args(argv)
     exit_if_missing("matplotlib", "scripts/compare_recipes.py (its charts)")  # before hours of measuring
     if args.jobs < 1:
@@ -363,42 +451,45 @@ def main(argv: list[str] | None = None) -> int:
     held_out, held_labels = digits_split("train", 16)  # the real train half B (judge.held_out) with its labels
     reference = judge.report(held_out, held_labels)
     reference["diversity"] = class_diversity(judge.features(held_out), held_labels)
-    todo = [] if args.report_only else [(n, k) for n in names for k in args.steps]
+    seeds = [None] if args.seeds is None else args.seeds
+    todo = [] if args.report_only else [(n, k, s) for n in names for k in args.steps for s in seeds]
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         cells = []
-        for i, (name, k) in enumerate(todo):
-            key = f"{name}|steps={k}|budget={args.budget}|set={' '.join(args.set)}"
+        for i, (name, k, seed) in enumerate(todo):
+            sets = cell_sets(configs[name], args.set, seed)
+            key = f"{name}|steps={k}|budget={args.budget}|set={' '.join(sets)}"
             if key in results:
                 r = results[key]
                 print(f"[{i + 1}/{len(todo)}] {name} {k}-step: measured before (FD-digits {r['fd_digits']:.3f}), "
                       "skipped", flush=True)
             else:
-                cells.append((i, name, k, key))
+                cells.append((i, name, k, sets, key))
         if args.jobs > 1 and len(cells) > 1:
             results_file.parent.mkdir(parents=True, exist_ok=True)
-            failed = run_in_parallel([(i, name, k) for i, name, k, _ in cells], len(todo), args.jobs, args, configs,
-                                     results, results_file, Path(tmp))
+            failed = run_in_parallel([(i, name, k, sets) for i, name, k, sets, _ in cells], len(todo), args.jobs,
+                                     args, configs, results, results_file, Path(tmp))
             cells = []
-        for i, name, k, key in cells:
+        for i, name, k, sets, key in cells:
             try:
-                r = measure(name, configs[name], k, args.budget, judge, args.seed, Path(tmp), args.set,
+                r = measure(name, configs[name], k, args.budget, judge, args.seed, Path(tmp), sets,
                             args.out / "compare" / "grids")
             except ConfigError as e:  # e.g. a one-step-only recipe asked for 2 steps: said, not measured
                 print(f"[{i + 1}/{len(todo)}] {name} {k}-step: not run ({e})", flush=True)
                 continue
-            r["label"] = name + (f" ({' '.join(args.set)})" if args.set else "")
+            r["label"] = name + (f" ({' '.join(sets)})" if sets else "")
             results[key] = r
             results_file.parent.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
             print(f"[{i + 1}/{len(todo)}] {name} {k}-step: {progress_line(r)}", flush=True)
-    this_set = f"|set={' '.join(args.set)}"
-    selected = {k: v for k, v in results.items()
-                if v["recipe"] in names and v["steps"] in args.steps and (args.report_only or k.endswith(this_set))
+    this_set = " ".join(i for i in args.set if not i.startswith(SEED_SET))
+    selected = {k: v for k, v in results.items()  # every seed held of the cells asked for
+                if v["recipe"] in names and v["steps"] in args.steps and (args.report_only or key_sets(k) == this_set)
                 and (args.budget is None or v["budget"] == args.budget)}
     command = ("OMP_NUM_THREADS=1 python scripts/compare_recipes.py"
                + (f" --budget {args.budget}" if args.budget else "") + " --steps " + " ".join(map(str, args.steps))
                + (" --recipes " + " ".join(args.recipes) if args.recipes else "")
+               + (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
                + (" --set " + " ".join(args.set) if args.set and not args.report_only else "")
                + (f" --out {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}"
                   if args.out != REPO / "docs" else ""))

@@ -94,7 +94,11 @@ def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, w
     cond = trainer.dataset.grid_condition(n)
     with torch.no_grad(), trainer.ema_weights() as gen:
         points = trainer.recipe.generate(gen, cond, noise).float().cpu()
+        diagnose = getattr(trainer.recipe, "diagnostics", None)  # a method's own figure (a residual, ...)
+        diagnostics = {k: float(v) for k, v in diagnose(gen, cond, noise).items()} if callable(diagnose) else {}
     report = toy_report(toy_mixture(torch.float64), points, seed=seed)
+    if diagnostics:
+        report["diagnostics"] = diagnostics
     report.update({"recipe": name, "steps": cfg.student.num_steps, "budget": cfg.run.max_steps,
                    "train_seconds": seconds})
     return report, points
@@ -112,13 +116,16 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
              "metrics of `distill.demo.toy_metrics` on 4,000 student samples. NLL under the true mixture: the true "
              "samples' own row is the reference (lower = crowded on heavy modes, higher = off the modes).", "",
              f"Command: `{command}`", "",
-             "| recipe | steps | updates | train s | " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+             "| recipe | steps | updates | train s | " + " | ".join(c[1] for c in COLUMNS) + " | other |",
+             "|---|---|---|---|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
         cells = [c[2].format(r[c[0]]) for c in COLUMNS]
+        other = ", ".join(f"{k} {v:.4g}" for k, v in sorted(r.get("diagnostics", {}).items())) or "-"
         lines.append(f"| {r['recipe']} | {r.get('steps', '-')} | {r.get('budget', '-')} | "
-                     f"{r.get('train_seconds', 0):.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "![samples of every row](toy/all.png)", "", "One training seed per row; training seconds depend on the load of the (shared) CPU.",
+                     f"{r.get('train_seconds', 0):.0f} | " + " | ".join(cells) + f" | {other} |")
+    lines += ["", "![samples of every row](toy/all.png)", "",
+              "One training seed per row; training seconds depend on the load of the (shared) CPU. \"other\": a "
+              "method's own figure (`recipe.diagnostics`).",
               "", "Mode-weight KL: KL(true weights, student's mode shares); on-mode: share of samples within 3 std "
               "of a mode. Samples: " + ", ".join(f"[{r['recipe']}](toy/{r['recipe'].replace(' ', '_')}.png)"
                                                 for r in rows), ""]

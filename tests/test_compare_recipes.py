@@ -111,7 +111,7 @@ def test_merge_joins_parallel_cells_and_refuses_a_conflict(tmp_path, capsys):
     assert (out / "compare" / "grids" / "dmd2_1step.png").read_bytes() == b"kept"
     table = (out / "compare_recipes.md").read_text()
     assert "`OMP_NUM_THREADS=1 python scripts/compare_recipes.py --budget 400 --steps 1 2 4 --out" in table
-    assert [line.split(" | ")[3:6:2] for line in table.splitlines() if line.startswith(("| dmd2", "| phased"))] == [
+    assert [line.split(" | ")[3:7:3] for line in table.splitlines() if line.startswith(("| dmd2", "| phased"))] == [
         ["-", "1.900"], ["-", "1.600"], ["-", "1.500"]]  # teacher pairs, FD-digits
 
     # The same cell measured twice with other figures: refused, naming the key and both files; nothing written.
@@ -225,3 +225,41 @@ def test_pair_trained_recipes_say_their_teacher_pairs(tmp_path):
     rows = {line.split(" | ")[0]: line.split(" | ")[3] for line in (tmp_path / "compare_recipes.md").read_text()
             .splitlines() if line.startswith(("| reflow", "| dmd2"))}
     assert rows == {"| reflow": "4096", "| dmd2": "-"}
+
+
+def test_training_seeds_share_a_row_with_mean_and_spread(tmp_path):
+    """Entries that differ only in run.seed are one row: mean ± sample sd of every figure and each seed's FD-digits;
+    a one-seed row has no spread; other --set values stay their own rows; a method's diagnostics are averaged too."""
+    compare = _script("compare_recipes")
+    assert compare.split_seed("dmd2 (run.seed=2)") == ("dmd2", 2)
+    assert compare.split_seed("fdistill (recipe.divergence=x run.seed=1)") == ("fdistill (recipe.divergence=x)", 1)
+    assert compare.split_seed("scm") == ("scm", None)
+    assert compare.key_sets("a|steps=1|budget=400|set=teacher.path=/t run.seed=3") == "teacher.path=/t"
+
+    def seeded(recipe, seed, fd, diag=None):
+        e = _entry(recipe, 1, fd)
+        if seed:
+            e["label"] = f"{recipe} (run.seed={seed})"
+        if diag is not None:
+            e["diagnostics"] = {"residual": diag}
+        return e
+
+    results = {"dmd2|steps=1|budget=400|set=": seeded("dmd2", 0, 1.0, 0.1),
+               "dmd2|steps=1|budget=400|set=run.seed=1": seeded("dmd2", 1, 2.0, 0.3),
+               "dmd2|steps=1|budget=400|set=run.seed=2": seeded("dmd2", 2, 3.0, 0.5),
+               "scm|steps=1|budget=400|set=": seeded("scm", 0, 4.5)}
+    results["dmd2|steps=1|budget=400|set=run.seed=2"]["recall"] = 0.5  # recalls 0.8, 0.8, 0.5: mean 0.7, sd 0.173
+    reference = {"fd_digits": 1.5, "accuracy": 0.99, "precision": 0.9, "recall": 0.9, "diversity": 6.8}
+    compare.write_outputs(results, reference, tmp_path, "cmd")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in (tmp_path / "compare_recipes.md").read_text()
+            .splitlines() if line.startswith(("| dmd2", "| scm"))}
+    assert set(rows) == {"dmd2", "scm"}
+    dmd2, scm = rows["dmd2"], rows["scm"]
+    assert dmd2[4] == "3" and dmd2[6] == "2.000 ± 1.000" and dmd2[7] == "1.000, 2.000, 3.000"
+    assert dmd2[10] == "0.700 ± 0.173" and dmd2[12] == "residual 0.3000 ± 0.2000 |"
+    assert scm[4] == "1" and scm[6] == "4.500" and scm[7] == "-" and scm[12] == "- |"
+    # --seeds: seed S of a config is the cell with run.seed=S added, except the config's own seed (0)
+    config = compare.digits_configs()["dmd2"]
+    assert compare.cell_sets(config, ["data.batch_size=4"], 0) == ["data.batch_size=4"]
+    assert compare.cell_sets(config, ["data.batch_size=4"], 2) == ["data.batch_size=4", "run.seed=2"]
+    assert compare.cell_sets(config, [], None) == []
