@@ -14,6 +14,11 @@ Making them is the expensive part, so the store is written to survive being kill
   i = r, r + P, r + 2P, ... and every process adds its own to the one manifest;
 * conditions only are drawn from the train half of the data (its label distribution, or uniform labels): no
   training image enters the store;
+* optionally (:class:`PathPairsConfig`: TBCM's trajectory points, distill/recipes/tbcm.py) a shard also keeps states
+  of each pair's ODE path: `path` (N, P, ...) the input states of P of the solver's steps (step 0, the scaled noise,
+  first), `path_times` (N, P) their native times and `path_x0` (N, P, ...) the teacher's (guided) x0 estimate at
+  each, the very values the solver stepped with; `sample` is the same as without them. Without the option the spec
+  and the shards are exactly those of a store made before it existed;
 * on a text-conditioned (latent) family (data.name: prompts or images) each pair's condition is a prompt (a
   caption) drawn uniformly from the data's prompts by the shard's generator; the shard stores its index
   (`prompt_index`), and the spec the sha256 of the prompts in order, so a store of other prompts is never resumed
@@ -76,6 +81,21 @@ class PairsConfig(Section):
     batch_size: int = Field(256, ge=1, description="teacher calls are batched this large")
     cache_shards: int = Field(2, ge=1, description="shards held in memory while reading (LRU)")
     progress_bar: bool = Field(True, description="a progress bar with pairs/s on the main process")
+
+
+class PathPairsConfig(PairsConfig):
+    """A pair store that also keeps states of each pair's ODE path (TBCM's trajectory points; the `pairs:` section
+    of a recipe that trains on them). A subclass, so that the configs and stores of PairsConfig stay as they were."""
+
+    path_points: int = Field(20, ge=1, le=1000, description="keep the input states of this many of the solver's "
+                             "steps (evenly spread, step 0 first), their times and the teacher's x0 estimates there")
+
+    @model_validator(mode="after")
+    def _relations(self) -> "PathPairsConfig":
+        require(self.path_points <= self.num_steps, "path_points",
+                f"must be <= pairs.num_steps ({self.num_steps}): a path keeps the input states of the solver's "
+                f"steps, got {self.path_points}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,8 +330,12 @@ def make_shard(teacher, pc: PairsConfig, index: int, image_shape: tuple[int, ...
     noise = torch.randn((n, *image_shape), generator=g)
     drawn = draw_conditions(train_labels, num_classes, n, pc.labels, g, prompt_conditions)
     cond = drawn if prompt_conditions is None else {k: v[drawn[PROMPT_INDEX]] for k, v in prompt_conditions.items()}
-    x = sample(teacher, {k: v.to(device) for k, v in cond.items()}, noise.to(device), num_steps=pc.num_steps,
-               guidance_scale=guidance_scale, batch_size=pc.batch_size, solver=pc.solver)
+    if getattr(pc, "path_points", None) is None:  # a PairsConfig: the store as it always was
+        x = sample(teacher, {k: v.to(device) for k, v in cond.items()}, noise.to(device), num_steps=pc.num_steps,
+                   guidance_scale=guidance_scale, batch_size=pc.batch_size, solver=pc.solver)
+        path = {}
+    else:
+        x, path = sample_with_path(teacher, pc, cond, noise, guidance_scale, device)
     tensors = {"noise": noise.contiguous(), "sample": x.float().cpu().contiguous()}
     if prompt_conditions is None:
         tensors.update({COND_PREFIX + k: v.cpu().contiguous() for k, v in cond.items()})
@@ -319,7 +343,55 @@ def make_shard(teacher, pc: PairsConfig, index: int, image_shape: tuple[int, ...
         tensors[PROMPT_INDEX] = drawn[PROMPT_INDEX].contiguous()
     if not torch.isfinite(tensors["sample"]).all():
         raise FloatingPointError(f"pair store: the teacher produced non-finite samples in shard {index}")
+    if not all(torch.isfinite(v).all() for v in path.values()):
+        raise FloatingPointError(f"pair store: the teacher's ODE path is not finite in shard {index}")
+    tensors.update(path)
     return tensors
+
+
+def path_steps(num_steps: int, path_points: int) -> list[int]:
+    """The solver steps whose input states a path keeps: `path_points` of 0 .. num_steps - 1, evenly spread, step
+    0 (the noise at the highest level) first and, from two points on, the last step (the least noisy state)."""
+    if not 1 <= path_points <= num_steps:
+        raise ValueError(f"path_points must be in [1, {num_steps}] for {num_steps} steps, got {path_points}")
+    return torch.floor(torch.linspace(0, num_steps - 1, path_points, dtype=torch.float64) + 0.5).long().tolist()
+
+
+class _RecordingTeacher:
+    """The teacher behind `distill.models.sampling.sample`, which calls it once per solver step, in order; keeps
+    (input state, native time, x0 estimate) of the calls in `keep`, as float32 on the CPU."""
+
+    def __init__(self, teacher, keep: list[int]):
+        self.teacher, self.process, self.keep, self.calls, self.kept = teacher, teacher.process, set(keep), 0, []
+
+    def __call__(self, x: Tensor, t: Tensor, cond, want: str = "x0", guidance_scale: float = 1.0) -> Tensor:
+        out = self.teacher(x, t, cond, want=want, guidance_scale=guidance_scale)
+        if self.calls in self.keep:
+            self.kept.append(tuple(v.float().cpu() for v in (x, t, out)))
+        self.calls += 1
+        return out
+
+
+def sample_with_path(teacher, pc: PathPairsConfig, cond: dict[str, Tensor], noise: Tensor, guidance_scale: float,
+                     device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    """The teacher ODE of `noise` as :func:`make_shard` integrates it without paths (the same batches, so the same
+    samples), and the states of `path_steps(pc.num_steps, pc.path_points)`: tensors `path`, `path_times`, `path_x0`."""
+    from distill.models.sampling import sample
+
+    steps = path_steps(pc.num_steps, pc.path_points)
+    samples, parts = [], {"path": [], "path_times": [], "path_x0": []}
+    for start in range(0, noise.shape[0], pc.batch_size):  # sample()'s own batches, one call each
+        sl = slice(start, start + pc.batch_size)
+        recorder = _RecordingTeacher(teacher, steps)
+        samples.append(sample(recorder, {k: v[sl].to(device) for k, v in cond.items()}, noise[sl].to(device),
+                              num_steps=pc.num_steps, guidance_scale=guidance_scale, batch_size=pc.batch_size,
+                              solver=pc.solver))
+        if recorder.calls != pc.num_steps:
+            raise RuntimeError(f"pair store: the solver called the teacher {recorder.calls} times for "
+                               f"{pc.num_steps} steps")
+        for key, j in (("path", 0), ("path_times", 1), ("path_x0", 2)):
+            parts[key].append(torch.stack([kept[j] for kept in recorder.kept], dim=1))
+    return torch.cat(samples), {k: torch.cat(v).contiguous() for k, v in parts.items()}
 
 
 def generate_pairs(teacher, pc: PairsConfig, spec_extra: dict[str, Any], image_shape: tuple[int, ...],
@@ -347,6 +419,8 @@ def generate_pairs(teacher, pc: PairsConfig, spec_extra: dict[str, Any], image_s
             **spec_extra}
     if prompt_conditions is not None:
         spec["labels"] = "prompts"
+    if getattr(pc, "path_points", None) is not None:  # only then: a store without paths keeps its old spec
+        spec["path_points"] = pc.path_points
     root.mkdir(parents=True, exist_ok=True)
     old = read_manifest(root)
     if old is not None and old.get("spec") != spec:
