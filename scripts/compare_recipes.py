@@ -79,7 +79,8 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
     from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
 
-    extra = [f"run.output_dir={workdir / f'{name}_{steps}'}", f"student.num_steps={steps}",
+    run_dir = workdir / grid_name(name, steps, overrides).removesuffix(".png")  # one per seed and --set
+    extra = [f"run.output_dir={run_dir}", f"student.num_steps={steps}",
              "trainer.progress_bar=false", "export.at_end=false", "trainer.checkpoint_every=0",
              "trainer.sample_every=0", *overrides]
     if budget is not None:

@@ -263,3 +263,20 @@ def test_training_seeds_share_a_row_with_mean_and_spread(tmp_path):
     assert compare.cell_sets(config, ["data.batch_size=4"], 0) == ["data.batch_size=4"]
     assert compare.cell_sets(config, ["data.batch_size=4"], 2) == ["data.batch_size=4", "run.seed=2"]
     assert compare.cell_sets(config, [], None) == []
+
+
+def test_seeds_train_each_cell_once_per_seed(tiny_teacher, tmp_path, capsys):
+    """--seeds 0 1 in one process: two runs of the cell (each its own run folder), one table row of two seeds whose
+    second entry is the one `--set run.seed=1` keys."""
+    compare = _script("compare_recipes")
+    common = ["--budget", "1", "--steps", "1", "--recipes", "dmd2", "--out", str(tmp_path), "--set",
+              f"teacher.path={tiny_teacher}", "data.batch_size=4"]
+    assert compare.main([*common, "--seeds", "0", "1"]) == 0
+    assert capsys.readouterr().out.count("FD-digits") == 2
+    results = json.loads((tmp_path / "compare" / "results.json").read_text())
+    sets = f"teacher.path={tiny_teacher} data.batch_size=4"
+    assert sorted(results) == [f"dmd2|steps=1|budget=1|set={sets}", f"dmd2|steps=1|budget=1|set={sets} run.seed=1"]
+    a, b = results.values()
+    assert a["fd_digits"] != b["fd_digits"]  # another seed trained another student
+    (row,) = [line for line in (tmp_path / "compare_recipes.md").read_text().splitlines() if line.startswith("| dmd2")]
+    assert row.split(" | ")[4] == "2" and " ± " in row.split(" | ")[6]
