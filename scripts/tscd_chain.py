@@ -1,14 +1,15 @@
 """Hyper-SD's chain of TSCD stages on the digits teacher (distill/recipes/tscd.py): 8, 4, 2 and 1 segments
-(recipes/digits/tscd_stages/stage_<k>.yaml), each trained for `--budget` updates and exported, each stage's student
-starting from the previous stage's exported EMA student (`recipe.init_from`); the teacher stays the original.
-Stage k writes <out>/stage_<k>/ (its pipeline: <out>/stage_<k>/pipeline, sampled with num_inference_steps=k).
+(recipes/digits/tscd_stages/stage_<k>.yaml), each trained for `--budget` updates and exported; every stage after
+the first starts from the previous stage's EMA student (its generator, the trainer's EMA target network and its
+exported EMA all loaded with it before `train()`); the teacher stays the original. Optionally a last one-step
+DMD2 stage (Hyper-SD sec. 3.3, recipes/digits/dmd2.yaml) starts the same way from the 1-segment student.
+Stage k writes <out>/stage_<k>/ (its pipeline <out>/stage_<k>/pipeline, sampled with num_inference_steps=k).
 
     OMP_NUM_THREADS=1 python scripts/tscd_chain.py --budget 100 --out runs/tscd_chain [--stages 8 4 2 1]
-        [--set key=value ...]
+        [--dmd2-budget 100] [--set key=value ...]
 
-`--set` overrides apply to every stage, after the chain's own run.output_dir, run.max_steps, export.at_end and
-recipe.init_from=null, before the previous stage's recipe.init_from (so the first stage may start from another
-run with --set recipe.init_from=FOLDER).
+`--set` overrides apply to every stage (`recipe.*` ones to the TSCD stages only); the chain's own
+run.output_dir, run.max_steps, export.at_end (and student.num_steps=1 for DMD2) win over them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "recipes" / "digits" / "tscd_stages"
+DMD2 = REPO / "recipes" / "digits" / "dmd2.yaml"
 
 
 def stage_config(k: int) -> Path:
@@ -28,35 +32,79 @@ def stage_config(k: int) -> Path:
     return path
 
 
-def run_chain(stages: list[int], budget: int, out: Path, overrides: list[str]) -> list[Path]:
-    """Train the stages in order, each from the previous one's export; the exported pipeline folders."""
+def ema_student(trainer) -> dict[str, torch.Tensor]:
+    """The EMA weights of `trainer`'s generator (what its export holds), copied."""
+    with trainer.ema_weights() as gen:
+        return {k: v.detach().clone() for k, v in gen.state_dict().items()}
+
+
+@torch.no_grad()
+def initialise_student(trainer, state: dict[str, torch.Tensor]) -> None:
+    """Start a constructed, untrained `trainer` from `state`: its generator, its EMA target network (if any) and
+    its EMA average all take the weights (before `train()`; a resumed checkpoint still wins)."""
+    gen = trainer.recipe.generator
+    try:
+        gen.load_state_dict(state)
+    except RuntimeError as err:
+        raise SystemExit(f"the previous stage's student does not fit this stage's generator "
+                         f"({type(gen).__name__}): {str(err).splitlines()[0]}") from None
+    if trainer.target_network is not None:
+        trainer.target_network.load_state_dict(state)
+    for shadow, p in zip(trainer.ema.shadow_params, gen.parameters()):
+        shadow.copy_(p)
+
+
+def run_stage(config: Path, overrides: list[str], start: dict[str, torch.Tensor] | None):
+    """Build one stage's trainer, start it from `start` (None: the teacher), train and export; the trainer."""
     from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
 
-    if any(a <= b for a, b in zip(stages, stages[1:])):
+    trainer = Trainer(load_config(config, overrides))
+    if start is not None:
+        initialise_student(trainer, start)
+    trainer.train()
+    return trainer
+
+
+def run_chain(stages: list[int], budget: int, out: Path, overrides: list[str] = (),
+              dmd2_budget: int = 0) -> list[Path]:
+    """Train the stages in order, each from the previous one's EMA student; the exported pipeline folders."""
+    if not stages or any(a <= b for a, b in zip(stages, stages[1:])):
         raise SystemExit(f"--stages must be strictly decreasing segment counts, got {stages}")
-    folders: list[Path] = []
+    if dmd2_budget and stages[-1] != 1:
+        raise SystemExit(f"--dmd2-budget: the DMD2 stage starts from a one-segment student; --stages ends with "
+                         f"{stages[-1]}")
+    general = [o for o in overrides if not o.startswith("recipe.")]
+    folders, state = [], None
     for k in stages:
-        chain = [f"run.output_dir={out / f'stage_{k}'}", f"run.max_steps={budget}", "export.at_end=true",
-                 "recipe.init_from=null"]  # the first stage starts from the teacher, whichever stage it is
-        previous = [f"recipe.init_from={folders[-1]}"] if folders else []
-        cfg = load_config(stage_config(k), chain + overrides + previous)
-        folders.append(Trainer(cfg).train())
-        start = cfg.recipe.init_from or "the teacher"
-        print(f"stage {k}: {budget} updates from {start} -> {folders[-1]} (num_inference_steps={k})", flush=True)
+        run_dir = out / f"stage_{k}"
+        chain = [f"run.output_dir={run_dir}", f"run.max_steps={budget}", "export.at_end=true"]
+        trainer = run_stage(stage_config(k), list(overrides) + chain, state)
+        state = ema_student(trainer)
+        folders.append(run_dir / "pipeline")
+        print(f"stage {k}: {budget} updates from {'the previous stage' if len(folders) > 1 else 'the teacher'} "
+              f"-> {folders[-1]} (num_inference_steps={k})", flush=True)
+    if dmd2_budget:
+        run_dir = out / "dmd2"
+        chain = [f"run.output_dir={run_dir}", f"run.max_steps={dmd2_budget}", "export.at_end=true",
+                 "student.num_steps=1"]
+        run_stage(DMD2, general + chain, state)
+        folders.append(run_dir / "pipeline")
+        print(f"dmd2: {dmd2_budget} updates from the 1-segment student -> {folders[-1]}", flush=True)
     return folders
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, required=True, help="generator updates per stage")
+    parser.add_argument("--budget", type=int, required=True, help="generator updates per TSCD stage")
     parser.add_argument("--out", type=Path, default=Path("runs/tscd_chain"), help="one run folder per stage in it")
     parser.add_argument("--stages", type=int, nargs="+", default=[8, 4, 2, 1], help="segment counts, in order")
+    parser.add_argument("--dmd2-budget", type=int, default=0, help="updates of a last one-step DMD2 stage; 0: none")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
     args = parser.parse_args(argv)
-    if args.budget < 1:
-        raise SystemExit(f"--budget must be >= 1, got {args.budget}")
-    run_chain(args.stages, args.budget, args.out, args.set)
+    if args.budget < 1 or args.dmd2_budget < 0:
+        raise SystemExit(f"--budget must be >= 1 and --dmd2-budget >= 0, got {args.budget}, {args.dmd2_budget}")
+    run_chain(args.stages, args.budget, args.out, args.set, args.dmd2_budget)
     return 0
 
 
