@@ -10,7 +10,7 @@ so the network predicts the flow velocity u = eps - x0 (prediction kind "flow") 
 stock `FlowMatchEulerDiscreteScheduler` (shift 1): `distill.models.denoiser.load_denoiser` reads it as a
 `FlowProcess` teacher.
 
-    python scripts/train_digits_flow_teacher.py --out distill/assets/digits_flow_teacher --steps 3000 --threads 1
+    python scripts/train_digits_flow_teacher.py --out distill/assets/digits_flow_teacher --steps 2500 --threads 1
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ def write_model_card(out: Path, args: argparse.Namespace, info: dict) -> None:
         "velocity eps - x0. `scheduler/` is a stock `FlowMatchEulerDiscreteScheduler` (shift 1), so\n"
         "`distill.models.denoiser.load_denoiser(path)` loads it as a flow teacher (`builtin:digits_flow_teacher`).\n"
         "Sample it with `distill.models.sampling.sample(..., solver='ddim')` (Euler in s on the uniform grid).\n"
-        "Not a `distill train` teacher today: a pixel flow UNet2DModel student has no stock pipeline to export to\n"
-        "(ConsistencyModelPipeline needs EDM preconditioning), so configs naming it are refused when loaded\n"
-        "(distill/export/checks.py); use it from Python.\n"
+        "Not a `teacher.path` of `distill train`: a pixel flow UNet2DModel student has no stock pipeline to export\n"
+        "to (ConsistencyModelPipeline needs EDM preconditioning), so configs naming it there are refused when loaded\n"
+        "(distill/export/checks.py). MDT-dist distills it as `recipe.velocity_teacher`, the EDM digits teacher\n"
+        "initialising the exported student (recipes/digits/mdt_dist_variants/flow_teacher.yaml).\n"
         "See docs/teacher.md (last section) for its FD-digits.\n\n"
         f"Trained with `python scripts/train_digits_flow_teacher.py {command}`\n"
         f"({info['train_seconds']:.0f} s wall on the training machine).\n\n"
@@ -75,7 +76,7 @@ def write_model_card(out: Path, args: argparse.Namespace, info: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="distill/assets/digits_flow_teacher")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999)

@@ -6,7 +6,9 @@ gradient routing, config errors, and the export reproducing the rollout."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_consistency_recipes import CLEAN_SAMPLE
-from tiny import subprocess_env, tiny_overrides
+from test_data_split import poisoned_half_a  # noqa: F401 (a fixture)
+from tiny import REPO, subprocess_env, tiny_overrides, tiny_unet
 
 from distill.base.errors import ConfigError
+from distill.models.denoiser import load_denoiser
 from distill.models.schedules import rollout
+from distill.parametrization import EDMProcess, FlowProcess
 from distill.recipes.dmd2 import dmd_loss
 from distill.recipes.mdt_dist import (
     Config,
@@ -27,6 +32,7 @@ from distill.recipes.mdt_dist import (
     vm_loss,
     vm_target,
 )
+from distill.recipes.reflow import flow_velocity
 from distill.training.nets import update_nets
 from distill.training.preflight import load_config
 from distill.training.registry import build_recipe
@@ -188,6 +194,23 @@ def _config(teacher, run, *extra, path="digits/mdt_dist.yaml"):
     return load_config(path, tiny_overrides(teacher, run, *extra))
 
 
+@pytest.fixture(scope="module")
+def tiny_flow_teacher(tmp_path_factory):
+    """An untrained 8x8 rectified-flow UNet2DModel (other weights than tiny_teacher's) with a stock
+    FlowMatchEulerDiscreteScheduler: a pixel flow teacher without an export target, as builtin:digits_flow_teacher."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root = tmp_path_factory.mktemp("tiny_flow_teacher")
+    unet = tiny_unet()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(root / "scheduler")
+    return root
+
+
 @pytest.mark.parametrize("extra", [(), ("recipe.vd_fake=student", "recipe.vm_states=student"),
                                    ("recipe.vd_weight=0",)])
 def test_generator_loss_trains_only_the_student(tiny_teacher, extra):
@@ -211,13 +234,17 @@ def test_generator_loss_trains_only_the_student(tiny_teacher, extra):
     assert recipe.diagnostics(recipe.generator, batch.cond, torch.randn(4, 1, 8, 8))["vm_residual"] >= 0
 
 
-def test_vd_term_is_the_velocity_difference(tiny_teacher):
+@pytest.mark.parametrize("second", [False, True])
+def test_vd_term_is_the_velocity_difference(tiny_teacher, tiny_flow_teacher, second):
     """With VM off, the generator loss's gradient in the student sample is (v_teacher - v_critic) / (D N) at the
-    re-noised sample (critic mode)."""
-    from distill.recipes.reflow import flow_velocity
-
-    cfg = _config(tiny_teacher, Path("/nonexistent"), "recipe.vm_weight=0", "teacher.guidance_scale=2.0")
+    re-noised sample (critic mode); with recipe.velocity_teacher both velocities are the flow network's, read in
+    its own coordinates, while the student stays teacher.path's consistency model."""
+    extra = (f"recipe.velocity_teacher={tiny_flow_teacher}",) if second else ()
+    cfg = _config(tiny_teacher, Path("/nonexistent"), "recipe.vm_weight=0", "teacher.guidance_scale=2.0", *extra)
     recipe, data = build_recipe(cfg, torch.device("cpu"))
+    assert isinstance(recipe.generator.process, EDMProcess) and recipe.generator.prediction == "cm"
+    want = FlowProcess if second else EDMProcess
+    assert isinstance(recipe.teacher.process, want) and isinstance(recipe.critic.denoiser.process, want)
     batch = data.sample(4, torch.Generator().manual_seed(0))
     seen = {}
     orig = recipe.generator.forward
@@ -240,24 +267,75 @@ def test_vd_term_is_the_velocity_difference(tiny_teacher):
     s = recipe.sample_s(4, x.device)
     x_s = (1 - s[:, None, None, None]) * x + s[:, None, None, None] * torch.randn_like(x)
     with torch.no_grad():
-        v_real = flow_velocity(lambda a, b, c: recipe.teacher(a, b, c, guidance_scale=2.0), recipe.process, x_s, s,
-                               batch.cond)
-        v_fake = flow_velocity(recipe.critic.denoiser, recipe.process, x_s, s, batch.cond)
+        v_real = flow_velocity(lambda a, b, c: recipe.teacher(a, b, c, guidance_scale=2.0), recipe.teacher.process,
+                               x_s, s, batch.cond)
+        v_fake = flow_velocity(recipe.critic.denoiser, recipe.teacher.process, x_s, s, batch.cond)
     expected = (v_real - v_fake) / (64 * 4) * (x.abs() < 1).float()  # mean over D and batch; clamp at +-1
     assert expected.abs().mean() > 1e-5
     torch.testing.assert_close(seen["x"].grad, expected, atol=1e-6, rtol=1e-4)
 
 
-def test_training_changes_only_the_student_and_critic(tiny_teacher, tmp_path):
-    trainer = Trainer(_config(tiny_teacher, tmp_path / "run", "run.max_steps=2"))
-    teacher = {k: v.clone() for k, v in trainer.recipe.teacher.state_dict().items()}
+def test_vm_target_uses_the_velocity_teacher_in_its_own_coordinates(tiny_teacher, tiny_flow_teacher):
+    """VM alone with a flow velocity teacher and an EDM student: the student is fed x_s / (1 - s) at sigma =
+    s / (1 - s), the flow network x_s at s, and the loss's gradient in the student's x0 output is
+    -2 (u - (v - s D)) / (s D N) with v the flow network's velocity (guided) and D the student's difference."""
+    cfg = _config(tiny_teacher, Path("/nonexistent"), "recipe.vd_weight=0", "teacher.guidance_scale=1.5",
+                  "recipe.norm_c=null", f"recipe.velocity_teacher={tiny_flow_teacher}")
+    recipe, data = build_recipe(cfg, torch.device("cpu"))
+    assert recipe.critic is None and isinstance(recipe.teacher.process, FlowProcess)
+    assert recipe.s_hi == pytest.approx(80 / 81) and recipe.s_lo == pytest.approx(0.002 / 1.002)
+    batch = data.sample(4, torch.Generator().manual_seed(0))
+    seen = {}
+    orig = recipe.generator.forward
+
+    def spy(x, t, cond, **kw):
+        out = orig(x, t, cond, **kw)
+        if torch.is_grad_enabled() and out.requires_grad:
+            out.retain_grad()
+            seen["x0"], seen["t"] = out, t
+        return out
+
+    recipe.generator.forward = spy
+    torch.manual_seed(3)
+    with update_nets(recipe, "generator") as nets:
+        loss, _ = recipe.generator_loss(nets, batch, 0)
+    loss.backward()
+    torch.manual_seed(3)
+    s = recipe.sample_s(4, torch.device("cpu"))
+    col = s[:, None, None, None]
+    x_s = (1 - col) * batch.images + col * torch.randn_like(batch.images)
+    torch.testing.assert_close(seen["t"], s / (1 - s))  # EDM sigma of the same signal-to-noise ratio
+    with torch.no_grad():
+        x0 = seen["x0"].detach()
+        u = (x_s - x0) / col
+        v = _guided_flow(recipe.teacher.model, x_s, s, batch.cond["class_labels"], 1.5)  # a flow's output is v
+        delta = cfg.recipe.interval
+        u_prev = flow_velocity(recipe.generator, recipe.generator.process, x_s - delta * v, s - delta, batch.cond)
+        target = v - col * (u - u_prev) / delta
+    expected = -2 * (u - target) / (col * 64 * 4)
+    assert expected.abs().mean() > 1e-5
+    torch.testing.assert_close(seen["x0"].grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def _guided_flow(unet, x_s, s, labels, w):
+    """The rectified-flow network's guided output eps - x0 at (x_s, 1000 s), the null class 10 as uncond."""
+    cond = unet(x_s, 1000 * s, class_labels=labels).sample
+    uncond = unet(x_s, 1000 * s, class_labels=torch.full_like(labels, 10)).sample
+    return uncond + w * (cond - uncond)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_training_changes_only_the_student_and_critic(tiny_teacher, tiny_flow_teacher, tmp_path, second):
+    extra = (f"recipe.velocity_teacher={tiny_flow_teacher}",) if second else ()
+    trainer = Trainer(_config(tiny_teacher, tmp_path / "run", "run.max_steps=2", *extra))
+    frozen = {k: v.clone() for k, v in trainer.recipe.teacher.state_dict().items()}
     student = {k: v.clone() for k, v in trainer.recipe.generator.state_dict().items()}
     trainer.train()
-    assert all(torch.equal(v, trainer.recipe.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert all(torch.equal(v, trainer.recipe.teacher.state_dict()[k]) for k, v in frozen.items())
     assert any(not torch.equal(v, trainer.recipe.generator.state_dict()[k]) for k, v in student.items())
 
 
-def test_config_errors():
+def test_config_errors(tiny_teacher, tiny_flow_teacher, tmp_path):
     with pytest.raises(ValueError, match="both 0"):
         Config(vm_weight=0.0, vd_weight=0.0)
     with pytest.raises(ValueError):
@@ -266,6 +344,47 @@ def test_config_errors():
         Config(interval=0.0)
     with pytest.raises(ConfigError, match="recipe.vm_states"):
         load_config("text_flow/mdt_dist.yaml", ["recipe.vm_states=data"])
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="recipe.velocity_teacher: .* not a UNet2DModel teacher folder"):
+        _config(tiny_teacher, run, f"recipe.velocity_teacher={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="recipe.velocity_teacher: .*a second teacher is a flow-matching"):
+        _config(tiny_teacher, run, f"recipe.velocity_teacher={tiny_teacher}")  # an EDM folder is teacher.path
+    with pytest.raises(ConfigError, match="recipe.velocity_teacher: not supported with trainer.parallel: fsdp2"):
+        _config(tiny_teacher, run, f"recipe.velocity_teacher={tiny_flow_teacher}", "trainer.parallel=fsdp2")
+    with pytest.raises(ConfigError, match="recipe.velocity_teacher: a second teacher needs a UNet2DModel"):
+        load_config("text_flow/mdt_dist.yaml", [f"recipe.velocity_teacher={tiny_flow_teacher}"])
+
+
+def test_variant_configs_load():
+    """The subfolder configs are not table participants (tests/test_config.py reads one level); they load here."""
+    variants = sorted((REPO / "recipes" / "digits" / "mdt_dist_variants").glob("*.yaml"))
+    assert {p.stem for p in variants} >= {"vm", "vd", "official_vd", "flow_teacher"}
+    for path in variants:
+        cfg = load_config(path)
+        assert cfg.recipe_name == "mdt_dist"
+    cfg = load_config(REPO / "recipes" / "digits" / "mdt_dist_variants" / "flow_teacher.yaml")
+    assert cfg.recipe.velocity_teacher == "builtin:digits_flow_teacher" and cfg.teacher.path == "builtin:digits_teacher"
+
+
+def test_flow_teacher_script_trains_on_the_train_half_and_saves_a_flow_teacher(poisoned_half_a, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    """scripts/train_digits_flow_teacher.py with half A poisoned (NaN): a finite loss, so no half-A image was drawn
+    (2 x 32 draws: with half A in the pool, all finite with chance 2^-64); the folder loads through load_denoiser
+    as a rectified-flow teacher with the null class."""
+    spec = importlib.util.spec_from_file_location("train_digits_flow_teacher",
+                                                  REPO / "scripts" / "train_digits_flow_teacher.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "flow"
+    monkeypatch.setattr(sys, "argv", ["train_digits_flow_teacher.py", "--out", str(out), "--steps", "2",
+                                      "--batch-size", "32", "--resolution", "8"])
+    script.main()
+    assert math.isfinite(json.loads((out / "training_args.json").read_text())["final_loss_ema"])
+    teacher = load_denoiser(out)
+    assert isinstance(teacher.process, FlowProcess) and teacher.process.shift == 1.0
+    assert teacher.prediction == "flow" and teacher.model.config.num_class_embeds == 11
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "FlowMatchEulerDiscreteScheduler"
 
 
 @pytest.mark.slow

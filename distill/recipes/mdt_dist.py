@@ -54,16 +54,27 @@ with plain Euler steps on the same velocity, the same map for one step).
 Export: through the student's family target (`student_from_teacher`, `student_schedule`, `rollout`): an EDM
 teacher's student is a consistency-model student exported as ConsistencyModelPipeline (re-noising between steps);
 a latent flow family's (SD3, Flux) is its stock pipeline with FlowMatchEulerDiscreteScheduler (stochastic
-sampling). A rectified-flow *pixel* UNet2DModel teacher (builtin:digits_flow_teacher) has no target:
-`student_schedule` raises, and the config is refused when loaded (distill/export/checks.py): the only stock pipeline
-that feeds class labels to a UNet2DModel is ConsistencyModelPipeline, which needs EDM preconditioning (and calls
-`scheduler.scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks). The digits configs therefore distill
-the EDM digits teacher, viewed as a flow.
+sampling). A rectified-flow *pixel* UNet2DModel (builtin:digits_flow_teacher) has no target and cannot be
+`teacher.path`: `student_schedule` raises, and the config is refused when loaded (distill/export/checks.py): the
+only stock pipeline that feeds class labels to a UNet2DModel is ConsistencyModelPipeline, which needs EDM
+preconditioning (and calls `scheduler.scale_model_input`, which FlowMatchEulerDiscreteScheduler lacks). Nor can
+the flow network itself become a consistency-model student: the stock UNet2DModel embeds its time input with
+sinusoids, and ConsistencyModelPipeline feeds 250 log sigma where the flow network was trained on 1000 s =
+1000 sigma / (1 + sigma), so no rescaling of weights reproduces it.
+
+Such a teacher is distilled as `recipe.velocity_teacher` (ours, not in the paper): VM's and VD's teacher velocity
+and the critic's initial weights come from it (DMD2 initialises the fake score from the real one), while
+teacher.path (an EDM teacher of the same classes and channels, builtin:digits_teacher) only gives the student its
+initial weights and its export target. Both are views of the same flow coordinates (`to_native` per network), so
+the objective is unchanged; s is drawn where both networks are defined. The headline digits config distills the
+EDM digits teacher itself (comparable with every other table row); recipes/digits/mdt_dist_variants/
+flow_teacher.yaml distills the flow teacher.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -71,9 +82,12 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.base.batch import Batch, Condition, concat_conditions
+from distill.base.errors import ConfigError
+from distill.base.paths import resolve_path
+from distill.config import PATH_PATTERN, Section, require, require_images
 from distill.config import Config as RunConfig
-from distill.config import Section, require, require_images
-from distill.models.denoiser import Denoiser
+from distill.families.target import is_flow_scheduler, read_json
+from distill.models.denoiser import Denoiser, load_denoiser
 from distill.models.schedules import rollout, step_input, student_from_teacher, student_schedule
 from distill.recipes.dmd2 import FakeScore, denoising_loss, dmd_loss
 from distill.recipes.reflow import flow_range, flow_velocity, interpolate, to_native
@@ -98,6 +112,11 @@ class Config(Section):
                                                           "(code: d_norm with c = 0.1); null = unnormalised")
     t_mean: float = Field(1.0, ge=-5.0, le=5.0, description="mean of the logit-normal flow time s (code: 1.0)")
     t_std: float = Field(1.0, gt=0.0, le=5.0, description="std of the logit-normal flow time s (code: 1.0)")
+    velocity_teacher: str | None = Field(
+        None, min_length=1, pattern=PATH_PATTERN,
+        description="a flow-matching pixel teacher folder (e.g. builtin:digits_flow_teacher) whose velocity VM and "
+                    "VD match and whose copy is the critic; teacher.path (an EDM teacher of the same classes) then "
+                    "only initialises the student and sets its export; null = teacher.path's own velocity")
 
     @model_validator(mode="after")
     def _relations(self) -> "Config":
@@ -108,6 +127,34 @@ class Config(Section):
     def check_run(self, cfg: RunConfig) -> None:
         if self.vm_weight > 0 and self.vm_states == "data":
             require_images(cfg, "recipe.vm_states", "VM interpolates data images; vm_states: student is data-free")
+        if self.velocity_teacher is not None:
+            check_velocity_teacher(cfg, resolve_path(self.velocity_teacher))
+
+
+def check_velocity_teacher(cfg: RunConfig, folder: Path, key: str = "recipe.velocity_teacher") -> None:
+    """A second teacher must be a flow-matching UNet2DModel folder with the classes and channels of teacher.path's
+    network (the student's conditions and samples are fed to both), under DDP (it is loaded whole beside the first;
+    FSDP2 would shard only teacher.path's)."""
+    net, sched = read_json(folder / "unet" / "config.json"), read_json(folder / "scheduler" / "scheduler_config.json")
+    if not net or not sched or not any((folder / "unet").glob("*.safetensors")):
+        raise ConfigError(f"{key}: {str(folder)!r} is not a UNet2DModel teacher folder (unet/config.json with "
+                          "safetensors weights, scheduler/scheduler_config.json)")
+    if net.get("_class_name") != "UNet2DModel" or not is_flow_scheduler(sched):
+        raise ConfigError(f"{key}: {str(folder)!r} holds a {net.get('_class_name')} with a "
+                          f"{sched.get('_class_name')}; a second teacher is a flow-matching UNet2DModel (a pixel "
+                          "flow teacher without an export target of its own; any other teacher is teacher.path)")
+    own = read_json(resolve_path(cfg.teacher.path) / "unet" / "config.json")
+    if own.get("_class_name") != "UNet2DModel":
+        raise ConfigError(f"{key}: a second teacher needs a UNet2DModel teacher.path (an EDM pixel teacher whose "
+                          "consistency-model student is exported); got a folder without unet/")
+    keys = ("num_class_embeds", "in_channels", "out_channels")
+    if any(net.get(k) != own.get(k) for k in keys):
+        raise ConfigError(f"{key}: its network ({', '.join(f'{k}={net.get(k)}' for k in keys)}) does not match "
+                          f"teacher.path's ({', '.join(f'{k}={own.get(k)}' for k in keys)}): both see the "
+                          "student's samples and class labels")
+    if cfg.trainer.parallel == "fsdp2":
+        raise ConfigError(f"{key}: not supported with trainer.parallel: fsdp2 (the second teacher is not sharded); "
+                          "use ddp")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,24 +203,28 @@ def vd_gradient(v_real: Tensor, v_fake: Tensor) -> Tensor:
 
 class MDTDist(Recipe):
     def __init__(self, cfg: Config, teacher: Denoiser, guidance_scale: float, num_steps: int,
-                 image_shape: tuple[int, ...]):
+                 image_shape: tuple[int, ...], velocity_teacher: Denoiser | None = None):
         self.cfg = cfg
         self.image_shape = image_shape
-        self.teacher = teacher.eval().requires_grad_(False)
+        # the velocity VM and VD match (teacher.path's, or recipe.velocity_teacher's) and the student, each in its
+        # own native coordinates (to_native / flow_velocity with its own process)
+        self.teacher = (teacher if velocity_teacher is None else velocity_teacher).eval().requires_grad_(False)
         self.guided_teacher = functools.partial(self.teacher, guidance_scale=guidance_scale)
-        self.process = teacher.process
-        self.s_lo, self.s_hi = flow_range(teacher.process)
         self.generator = student_from_teacher(teacher)
+        self.student_process = self.generator.process
+        ranges = [flow_range(self.teacher.process), flow_range(self.student_process)]
+        self.s_lo, self.s_hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
         self.schedule = student_schedule(self.generator, num_steps)  # the export target's k-step sampler
         needs_critic = cfg.vd_weight > 0 and cfg.vd_fake == "critic"
-        self.critic = FakeScore(teacher.copy(trainable=True), gan=False) if needs_critic else None
+        # DMD2: the fake score starts as a copy of the real one
+        self.critic = FakeScore(self.teacher.copy(trainable=True), gan=False) if needs_critic else None
 
     def sample_s(self, n: int, device: torch.device) -> Tensor:
         c = self.cfg
         return sample_flow_time(n, self.s_lo, self.s_hi, c.interval, c.t_mean, c.t_std, device)
 
     def teacher_velocity(self, x_s: Tensor, s: Tensor, cond: Condition) -> Tensor:
-        return flow_velocity(self.guided_teacher, self.process, x_s, s, cond)
+        return flow_velocity(self.guided_teacher, self.teacher.process, x_s, s, cond)
 
     @torch.no_grad()
     def transport_target(self, student: nn.Module, x_s: Tensor, s: Tensor, u: Tensor, cond: Condition) -> Tensor:
@@ -181,7 +232,7 @@ class MDTDist(Recipe):
         one teacher Euler step of size Delta."""
         v = self.teacher_velocity(x_s, s, cond)
         delta = self.cfg.interval
-        u_prev = flow_velocity(student, self.process, x_s - delta * v, s - delta, cond)
+        u_prev = flow_velocity(student, self.student_process, x_s - delta * v, s - delta, cond)
         return vm_target(v, total_derivative(u, u_prev, delta, self.cfg.norm_c), s)
 
     def student_input(self, nets: Nets, cond: Condition, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -211,7 +262,7 @@ class MDTDist(Recipe):
                 x0 = self.student_sample(nets, cond, n, device)
             s = self.sample_s(n, device)
             x_s = interpolate(x0, torch.randn_like(x0), s)
-            x_t, t = to_native(self.process, x_s, s)
+            x_t, t = to_native(self.student_process, x_s, s)
             inputs.append(x_t), times.append(t), conds.append(cond)
         if cfg.vd_weight > 0:
             x_in, t_in = self.student_input(nets, cond, n, device)
@@ -235,9 +286,9 @@ class MDTDist(Recipe):
             with torch.no_grad():
                 if cfg.vd_fake == "critic":
                     v_real = self.teacher_velocity(x_s2, s2, cond)
-                    v_fake = flow_velocity(nets.critic.denoiser, self.process, x_s2, s2, cond)
+                    v_fake = flow_velocity(nets.critic.denoiser, self.teacher.process, x_s2, s2, cond)
                 else:
-                    v_fake = flow_velocity(nets.generator, self.process, x_s2, s2, cond)
+                    v_fake = flow_velocity(nets.generator, self.student_process, x_s2, s2, cond)
                     v_real = self.transport_target(nets.generator, x_s2, s2, v_fake, cond)
                 grad = vd_gradient(v_real, v_fake)
             loss_vd = dmd_loss(x, grad).mean()
@@ -252,7 +303,7 @@ class MDTDist(Recipe):
         first = next(iter(cond.values()))
         x = self.student_sample(nets, cond, first.shape[0], first.device)
         s = self.sample_s(x.shape[0], x.device)
-        x_t, t = to_native(self.process, interpolate(x, torch.randn_like(x), s), s)
+        x_t, t = to_native(self.teacher.process, interpolate(x, torch.randn_like(x), s), s)  # the critic's coordinates
         x0_hat, _ = nets.trained(x_t, t, cond)
         fake = nets.critic.denoiser
         loss = denoising_loss(fake.to_native(x0_hat, x_t, t), fake.to_native(x, x_t, t)).mean()
@@ -268,9 +319,22 @@ class MDTDist(Recipe):
         x0 = rollout(generator, self.schedule, cond, noise, steps=1)
         s = torch.full((x0.shape[0],), 0.5, device=x0.device).clamp(self.s_lo + self.cfg.interval, self.s_hi)
         x_s = interpolate(x0, torch.randn_like(x0), s)
-        u = flow_velocity(generator, self.process, x_s, s, cond)
+        u = flow_velocity(generator, self.student_process, x_s, s, cond)
         return {"vm_residual": float(vm_loss(u, self.transport_target(generator, x_s, s, u, cond)).mean())}
 
 
+def load_velocity_teacher(cfg: RunConfig, teacher: Denoiser) -> Denoiser:
+    """recipe.velocity_teacher, loaded as teacher.path was (dtype, resolution) and placed beside it: the registry
+    moves only the teacher it loads and the recipe's trained networks. Where teacher.path's network was built
+    without weights (`distill plan`) this one keeps its weights on the CPU: the plan's traced passes take it as
+    constants and do not count its memory (FSDP2, whose other processes build without weights, is refused)."""
+    weight = next(teacher.model.parameters())
+    second = load_denoiser(resolve_path(cfg.recipe.velocity_teacher), resolution=cfg.data.resolution,
+                           dtype=weight.dtype)
+    return second if weight.is_meta else second.to(weight.device)
+
+
 def build(cfg: RunConfig, teacher: Denoiser, dataset) -> MDTDist:
-    return MDTDist(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape)
+    second = None if cfg.recipe.velocity_teacher is None else load_velocity_teacher(cfg, teacher)
+    return MDTDist(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, dataset.image_shape,
+                   velocity_teacher=second)
