@@ -227,10 +227,32 @@ def test_diagnostics_is_the_residual_of_one_more_pipeline_step(tiny_teacher):
     with torch.no_grad():
         y = recipe.generate(recipe.generator, cond, noise)
         s, s_min = 0.1, recipe.schedule.sigma_min
-        again = recipe.generator(y + (s**2 - s_min**2) ** 0.5 * noise.roll(1, 0), torch.full((4,), s), cond)
+        renoise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(0))
+        again = recipe.generator(y + (s**2 - s_min**2) ** 0.5 * renoise, torch.full((4,), s), cond)
     expected = (again.clamp(-1, 1) - y).pow(2).mean().item()
     assert set(got) == {"idempotence_residual"} and expected > 0
     assert got["idempotence_residual"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_diagnostics_renoises_a_batch_of_one_with_noise_other_than_its_own(tiny_teacher):
+    """A batch of one cannot borrow another row's noise; re-using its own would re-noise y with the very noise
+    that made it. The re-application noise comes from a fixed seed, so it differs and is reproducible."""
+    recipe, _ = build_recipe(_config(tiny_teacher, Path("/nonexistent"), "student.num_steps=2"), torch.device("cpu"))
+    cond = {"class_labels": torch.tensor([7])}
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(11)  # the 2-step rollout re-noises between its steps
+    with torch.no_grad():
+        y = recipe.generate(recipe.generator, cond, noise)
+        s, s_min = 0.1, recipe.schedule.sigma_min
+        own = recipe.generator(y + (s**2 - s_min**2) ** 0.5 * noise, torch.full((1,), s), cond)
+    own_residual = (own.clamp(-1, 1) - y).pow(2).mean().item()
+    residuals = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        residuals.append(recipe.diagnostics(recipe.generator, cond, noise)["idempotence_residual"])
+    first = residuals[0]
+    assert residuals[1] == first
+    assert first != pytest.approx(own_residual, rel=1e-3)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -168,12 +168,12 @@ class SIGN(Recipe):
         if not lo < cfg.idempotence_sigma <= hi:
             raise ConfigError(f"recipe.idempotence_sigma: {cfg.idempotence_sigma} is outside the noise levels "
                               f"({lo:.4g}, {hi:.4g}] the student's {type(process).__name__} re-noises to")
-        self.reapply_t = native_time_from_edm_sigma(process, torch.tensor([cfg.idempotence_sigma]))
+        self.reapply_t = float(native_time_from_edm_sigma(process, torch.tensor([cfg.idempotence_sigma]))[0])
 
     def reapply(self, outer: nn.Module, y: Tensor, cond: Condition, noise: Tensor) -> Tensor:
         """R_sigma_r(y) = outer(renoise(y), sigma_r): f applied again to its own output, as a pipeline step."""
-        t = self.reapply_t.to(y.device)
-        return outer(reapplication_input(self.schedule, y, t, noise), t.expand(y.shape[0]), cond)
+        t = torch.full((y.shape[0],), self.reapply_t, device=y.device)  # made where y is (the recipe contract)
+        return outer(reapplication_input(self.schedule, y, t[:1], noise), t, cond)
 
     def generator_loss(self, nets: Nets, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         cfg, cond = self.cfg, batch.cond
@@ -211,9 +211,12 @@ class SIGN(Recipe):
     @torch.no_grad()
     def diagnostics(self, generator: nn.Module, cond: Condition, noise: Tensor) -> dict[str, float]:
         """idempotence_residual: mean ||R_sigma_r(y) - y||^2 / D over the student's k-step samples y (re-noised with
-        another row's noise, independent of y's own), the re-application clipped as a pipeline step is."""
+        noise drawn from a fixed seed, independent of y's own even for a batch of one), the re-application clipped
+        as a pipeline step is."""
         y = self.generate(generator, cond, noise)
-        again = self.reapply(generator, y, cond, noise.roll(1, 0))
+        draw = torch.Generator(device=noise.device).manual_seed(0)
+        renoise = torch.randn(noise.shape, generator=draw, device=noise.device, dtype=noise.dtype)
+        again = self.reapply(generator, y, cond, renoise)
         if self.schedule.clip_x0:
             again = again.clamp(-1, 1)
         return {"idempotence_residual": idempotence_loss(again, y).mean().item()}
