@@ -72,12 +72,10 @@ def grid_name(name: str, steps: int, overrides: list[str]) -> str:
     return f"{name}{tag}_{steps}step.png"
 
 
-def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
-            overrides: list[str], grids: Path | None = None) -> dict:
-    from distill.base.imaging import save_grid
-    from distill.data.pairs import ensure_store
+def cell_config(name: str, config: Path, steps: int, budget: int | None, workdir: Path, overrides: list[str]):
+    """The run config of one cell: `config` at k = `steps`, trained for `budget` updates in its own run folder
+    (one per seed and --set), with no export, checkpoint or sample grid."""
     from distill.training.preflight import load_config
-    from distill.training.trainer import Trainer
 
     run_dir = workdir / grid_name(name, steps, overrides).removesuffix(".png")  # one per seed and --set
     extra = [f"run.output_dir={run_dir}", f"student.num_steps={steps}",
@@ -85,12 +83,16 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
              "trainer.sample_every=0", *overrides]
     if budget is not None:
         extra.append(f"run.max_steps={budget}")
-    cfg = load_config(config, extra)
-    ensure_store(cfg)  # pair-trained recipes: their teacher ODE pair store, made once
-    start = time.perf_counter()
-    trainer = Trainer(cfg)
-    trainer.train()
-    seconds = time.perf_counter() - start
+    return load_config(config, extra)
+
+
+def score_student(trainer, judge, seed: int, grid: Path | None = None) -> dict:
+    """The table's figures of `trainer`'s EMA student as it stands: its own k-step rollout (`recipe.generate`) of
+    898 fixed noises (`seed`), labels 0..9 in turn, scored by the judge; diversity; `recipe.diagnostics` where the
+    recipe has it; 10 samples of each class drawn to `grid`."""
+    from distill.base.imaging import save_grid
+
+    cfg = trainer.cfg
     labels = torch.arange(judge.count) % 10
     shape = (1, cfg.data.resolution, cfg.data.resolution)  # digits images (a pair store may be the dataset)
     noise = torch.randn((judge.count, *shape), generator=torch.Generator().manual_seed(seed))
@@ -105,12 +107,27 @@ def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed
         with torch.no_grad(), trainer.ema_weights() as gen:
             cond = {"class_labels": labels[:256]}
             diagnostics = {k: float(v) for k, v in trainer.recipe.diagnostics(gen, cond, noise[:256]).items()}
-    if grids is not None:  # 10 samples of each class, one class per column
-        save_grid(images[:100], grids / grid_name(name, steps, overrides), nrow=10, scale=2)
+    if grid is not None:  # 10 samples of each class, one class per column
+        save_grid(images[:100], grid, nrow=10, scale=2)
     report = judge.report(images, labels)
     report["diversity"] = class_diversity(judge.features(images), labels)
     if diagnostics:
         report["diagnostics"] = diagnostics
+    return report
+
+
+def measure(name: str, config: Path, steps: int, budget: int | None, judge, seed: int, workdir: Path,
+            overrides: list[str], grids: Path | None = None) -> dict:
+    from distill.data.pairs import ensure_store
+    from distill.training.trainer import Trainer
+
+    cfg = cell_config(name, config, steps, budget, workdir, overrides)
+    ensure_store(cfg)  # pair-trained recipes: their teacher ODE pair store, made once
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.train()
+    seconds = time.perf_counter() - start
+    report = score_student(trainer, judge, seed, None if grids is None else grids / grid_name(name, steps, overrides))
     report.update({"recipe": name, "steps": steps, "budget": cfg.run.max_steps, "train_seconds": seconds})
     return report
 
@@ -185,8 +202,8 @@ def legend_name(label: str) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
-               reference: float | None = None) -> Path:
-    """A PNG line chart (matplotlib): one line per name, x = steps; `reference` is a grey dashed line (the floor);
+               reference: float | None = None, xlabel: str = "steps") -> Path:
+    """A PNG line chart (matplotlib): one line per name, x = `xlabel`; `reference` is a grey dashed line (the floor);
     values far above the rest are marked at the top edge with their value (`y_range`), one label row per point at
     the same x (`offscale_rows`)."""
     matplotlib = require("matplotlib", "scripts/compare_recipes.py (its charts)")
@@ -216,9 +233,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, title: 
                             xytext=(7, -12 * (label_row[name, x] + 1)))
     ax.set_xticks(xs)
     ax.set_ylim(y_lo - 0.02 * (y_hi - y_lo), y_hi + 0.02 * (y_hi - y_lo))
-    ax.set_xlabel("steps")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} ({ylabel} against steps)")
+    ax.set_title(f"{title} ({ylabel} against {xlabel})")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
