@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill.data.digits import digits_split
     from distill.demo.digits_judge import FDDigits
+    from distill.export.hybrid import export_hybrid
     from distill.models.hybrid import (
-        export_hybrid,
         handover_sigma,
         hybrid_sample,
         load_pair,

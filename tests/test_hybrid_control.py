@@ -16,11 +16,11 @@ import pytest
 import torch
 from tiny import NO_DISTILL, subprocess_env, tiny_unet
 
+from distill.export.hybrid import export_hybrid
 from distill.export.pipeline import export_pipeline
 from distill.models.adapters import AdapterDenoiser
 from distill.models.denoiser import Denoiser, load_denoiser
 from distill.models.hybrid import (
-    export_hybrid,
     handover_sigma,
     hybrid_sample,
     load_pair,
