@@ -29,7 +29,12 @@ def recipe_module(name: str) -> types.ModuleType:
     found = sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
     if name not in found:  # also keeps the config folders (recipes/digits/, ...) from passing as namespace modules
         raise ConfigError(f"recipe.name: no recipe {name!r}; available: {found}")
-    return importlib.import_module(f"distill.recipes.{name}")
+    module = importlib.import_module(f"distill.recipes.{name}")
+    if not (hasattr(module, "Config") and callable(getattr(module, "build", None))):
+        # a method that trains outside the trainer (e.g. tad_sr, an image-conditioned task with its own script)
+        raise ConfigError(f"recipe.name: {name!r} is not a trainer recipe (distill/recipes/{name}.py has no Config "
+                          "and build); it trains through its own script, named in its docstring")
+    return module
 
 
 def build_recipe(cfg: Config, device: torch.device,
