@@ -5,13 +5,11 @@ rollout when loaded in a process that never imports distill."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import NO_DISTILL, subprocess_env, tiny_overrides
+from tiny import sample_exports_cleanly, tiny_overrides
 
 from distill.models.schedules import rollout
 from distill.training.checkpoints import list_checkpoints
@@ -166,26 +164,6 @@ def test_resume_is_bitwise_exact(tiny_teacher, tmp_path, name):
 # Export: a clean process (distill unimportable) samples each pipeline; it equals the student's rollout
 # ---------------------------------------------------------------------------------------------------------------
 
-CLEAN_SAMPLE = NO_DISTILL + r"""
-import torch
-from diffusers import ConsistencyModelPipeline, DiffusionPipeline
-
-spec = json.load(open(sys.argv[1]))
-labels = spec["labels"]
-out = {}
-for name, run in spec["runs"].items():
-    pipe = DiffusionPipeline.from_pretrained(run["folder"])
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is ConsistencyModelPipeline, type(pipe)
-    assert len(pipe(batch_size=2).images) == 2  # default arguments work
-    steps = {"timesteps": run["timesteps"], "num_inference_steps": None} if run["timesteps"] else {"num_inference_steps": run["steps"]}
-    out[name] = pipe(batch_size=len(labels), class_labels=labels, generator=torch.Generator().manual_seed(spec["seed"]),
-                     output_type="pt", **steps).images
-torch.save(out, spec["results"])
-assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
-print("clean load ok")
-"""
-
 EXPORTS = {"scm": ("student.num_steps=1",), "rcm": ("student.num_steps=2",),
            "lcm": ("student.num_steps=2", "recipe.timesteps=[25, 0]")}
 
@@ -206,12 +184,7 @@ def test_exports_reproduce_the_student_rollout(tiny_teacher, tmp_path):
                          trainer.recipe.schedule, {"class_labels": torch.tensor(labels)}, noise)
         reference[name] = (x0 / 2 + 0.5).clamp(0, 1)
     assert runs["lcm"]["timesteps"] == [25, 0] and "timesteps=[25, 0]" in (Path(runs["lcm"]["folder"]) / "README.md").read_text()
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": runs, "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = sample_exports_cleanly(runs, labels, seed, tmp_path)
     for name in EXPORTS:
         assert reference[name].std() > 0.01
         torch.testing.assert_close(got[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)

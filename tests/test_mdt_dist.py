@@ -9,15 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_consistency_recipes import CLEAN_SAMPLE
 from test_data_split import poisoned_half_a  # noqa: F401 (a fixture)
-from tiny import REPO, subprocess_env, tiny_overrides, tiny_unet
+from tiny import REPO, sample_exports_cleanly, tiny_overrides, tiny_unet
 
 from distill.base.errors import ConfigError
 from distill.models.denoiser import load_denoiser
@@ -404,12 +402,7 @@ def test_export_reproduces_the_student_rollout(tiny_teacher, tmp_path):
             cond = {"class_labels": torch.tensor(labels)}
             torch.testing.assert_close(trainer.recipe.generate(gen, cond, torch.randn(len(labels), 1, 8, 8)), x0)
         reference[name] = (x0 / 2 + 0.5).clamp(0, 1)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": runs, "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = sample_exports_cleanly(runs, labels, seed, tmp_path)
     for name in runs:
         assert reference[name].std() > 0.01
         torch.testing.assert_close(got[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -5,14 +5,12 @@ teacher's weights reach no loss, refused configs, and a run whose export loads w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny import NO_DISTILL, subprocess_env, tiny_overrides
+from tiny import sample_exports_cleanly, tiny_overrides
 
 from distill.base.errors import ConfigError
 from distill.recipes.dmd2 import dmd_gradient, dmd_loss
@@ -184,24 +182,6 @@ def test_the_teachers_weights_reach_no_loss(tiny_teacher, init):
         assert torch.isfinite(loss), update
 
 
-CLEAN_SAMPLE = NO_DISTILL + r"""
-import torch
-from diffusers import ConsistencyModelPipeline, DiffusionPipeline
-
-spec = json.load(open(sys.argv[1]))
-out = {}
-for name, run in spec["runs"].items():
-    pipe = DiffusionPipeline.from_pretrained(run["folder"])
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is ConsistencyModelPipeline, type(pipe)
-    out[name] = pipe(batch_size=len(spec["labels"]), class_labels=spec["labels"], num_inference_steps=run["steps"],
-                     generator=torch.Generator().manual_seed(spec["seed"]), output_type="pt").images
-torch.save(out, spec["results"])
-assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
-print("clean load ok")
-"""
-
-
 def test_run_and_export_reproduce_generate_at_one_and_two_steps(tiny_teacher, tmp_path):
     from distill.training.trainer import Trainer
 
@@ -225,13 +205,7 @@ def test_run_and_export_reproduce_generate_at_one_and_two_steps(tiny_teacher, tm
             x0 = trainer.recipe.generate(gen, {"class_labels": torch.tensor(labels)}, noise)
             assert gen.end_embedding.mlp[2].weight.abs().sum() > 0  # d(t0) is not zero: the fold is exercised
         reference[steps] = (x0 / 2 + 0.5).clamp(0, 1)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": {str(k): v for k, v in runs.items()},
-                                "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = sample_exports_cleanly(runs, labels, seed, tmp_path)
     for steps in runs:
         assert reference[steps].std() > 0.01
         torch.testing.assert_close(got[str(steps)], reference[steps], atol=2e-5, rtol=1e-4, msg=f"{steps} steps")

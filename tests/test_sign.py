@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import NO_DISTILL, subprocess_env, tiny_overrides
+from tiny import sample_exports_cleanly, tiny_overrides
 
 from distill.base.errors import ConfigError
 from distill.recipes.dmd2 import dmd_gradient, dmd_loss
@@ -272,24 +270,6 @@ def test_bad_config_is_refused_by_name(tiny_teacher, overrides, message):
 # A few updates, and the export: a clean process (distill unimportable) samples each pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
-CLEAN_SAMPLE = NO_DISTILL + r"""
-import torch
-from diffusers import ConsistencyModelPipeline, DiffusionPipeline
-
-spec = json.load(open(sys.argv[1]))
-out = {}
-for name, run in spec["runs"].items():
-    pipe = DiffusionPipeline.from_pretrained(run["folder"])
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is ConsistencyModelPipeline, type(pipe)
-    out[name] = pipe(batch_size=len(spec["labels"]), class_labels=spec["labels"], num_inference_steps=run["steps"],
-                     generator=torch.Generator().manual_seed(spec["seed"]), output_type="pt").images
-torch.save(out, spec["results"])
-assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
-print("clean load ok")
-"""
-
-
 def test_few_updates_train_the_student_and_the_export_reproduces_generate(tiny_teacher, tmp_path):
     from distill.models.denoiser import load_denoiser
     from distill.training.trainer import Trainer
@@ -316,12 +296,7 @@ def test_few_updates_train_the_student_and_the_export_reproduces_generate(tiny_t
             noise = torch.randn(len(labels), 1, 8, 8)
             x0 = recipe.generate(gen, {"class_labels": torch.tensor(labels)}, noise)
         reference[steps] = (x0 / 2 + 0.5).clamp(0, 1)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": runs, "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = sample_exports_cleanly(runs, labels, seed, tmp_path)
     for steps in (1, 2):
         assert reference[steps].std() > 0.01
         torch.testing.assert_close(got[str(steps)], reference[steps], atol=2e-5, rtol=1e-4, msg=f"{steps} steps")

@@ -11,8 +11,6 @@ export reproduces the student's rollout."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 import sklearn.datasets
 import torch
 from safetensors import safe_open
-from tiny import NO_DISTILL, subprocess_env, tiny_overrides
+from tiny import sample_exports_cleanly, tiny_overrides
 from torch import nn
 
 from distill.base.errors import ConfigError
@@ -490,24 +488,6 @@ def test_bad_configs_are_refused(tbcm_store, tiny_teacher, tmp_path):
         build_recipe(tbcm_config(tiny_teacher, tmp_path), torch.device("cpu"))
 
 
-CLEAN_SAMPLE = NO_DISTILL + r"""
-import torch
-from diffusers import ConsistencyModelPipeline, DiffusionPipeline
-
-spec = json.load(open(sys.argv[1]))
-out = {}
-for name, run in spec["runs"].items():
-    pipe = DiffusionPipeline.from_pretrained(run["folder"])
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is ConsistencyModelPipeline, type(pipe)
-    out[name] = pipe(batch_size=len(spec["labels"]), class_labels=spec["labels"], num_inference_steps=run["steps"],
-                     generator=torch.Generator().manual_seed(spec["seed"]), output_type="pt").images
-torch.save(out, spec["results"])
-assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
-print("clean load ok")
-"""
-
-
 def test_exports_reproduce_the_student_rollout(tbcm_store, tiny_teacher, tmp_path):
     labels, seed = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 4], 1234
     runs, reference = {}, {}
@@ -523,12 +503,7 @@ def test_exports_reproduce_the_student_rollout(tbcm_store, tiny_teacher, tmp_pat
             torch.manual_seed(seed)  # the pipeline's generator: the start noise, then each renoising draw
             x0 = trainer.recipe.generate(gen, {"class_labels": torch.tensor(labels)}, torch.randn(len(labels), 1, 8, 8))
         reference[str(steps)] = (x0 / 2 + 0.5).clamp(0, 1)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": runs, "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = sample_exports_cleanly(runs, labels, seed, tmp_path)
     for name in runs:
         assert runs[name]["steps"] == int(name) and reference[name].std() > 0.01
         torch.testing.assert_close(got[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)

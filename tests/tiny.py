@@ -89,6 +89,46 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+# Samples each exported ConsistencyModelPipeline folder of a spec's runs, in such a fresh interpreter: its default
+# call must work, then class labels, a seeded generator and the run's steps (or custom timesteps).
+CM_CLEAN_SAMPLE = NO_DISTILL + r"""
+import torch
+from diffusers import ConsistencyModelPipeline, DiffusionPipeline
+
+spec = json.load(open(sys.argv[1]))
+labels = spec["labels"]
+out = {}
+for name, run in spec["runs"].items():
+    pipe = DiffusionPipeline.from_pretrained(run["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe) is ConsistencyModelPipeline, type(pipe)
+    assert len(pipe(batch_size=2).images) == 2  # default arguments work
+    custom = run.get("timesteps")
+    steps = {"timesteps": custom, "num_inference_steps": None} if custom else {"num_inference_steps": run["steps"]}
+    out[name] = pipe(batch_size=len(labels), class_labels=labels, generator=torch.Generator().manual_seed(spec["seed"]),
+                     output_type="pt", **steps).images
+torch.save(out, spec["results"])
+assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
+print("clean load ok")
+"""
+
+
+def sample_exports_cleanly(runs: dict, labels: list[int], seed: int, work: Path) -> dict[str, torch.Tensor]:
+    """The images of each exported ConsistencyModelPipeline of `runs` ({name: {"folder", "steps"[, "timesteps"]}}),
+    sampled with plain diffusers in a process where `distill` cannot be imported; keyed by str(name)."""
+    import json
+    import subprocess
+
+    spec = work / "clean_sample_spec.json"
+    results = work / "clean_sample_out.pt"
+    spec.write_text(json.dumps({"labels": labels, "seed": seed, "runs": {str(k): v for k, v in runs.items()},
+                                "results": str(results)}))
+    proc = subprocess.run([sys.executable, "-c", CM_CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
+                          timeout=300, env=subprocess_env(), cwd=work)
+    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
+    return torch.load(results)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a tensor, gathered whole when it is an FSDP2 shard (every process must call this)."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()

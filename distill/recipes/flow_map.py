@@ -140,22 +140,32 @@ class Config(Section):
         require(self.time_sampler != "schedule" or self.objective == "lsd", "time_sampler",
                 f"schedule needs recipe.objective: lsd, whose residual at (s, t) involves the map at that s alone; "
                 f"{self.objective} couples other first times (ESD by its s-derivative, PSD by its compositions)")
-        if self.timesteps is not None:
-            ts = self.timesteps
-            require(len(ts) >= 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0, "timesteps",
-                    f"must be strictly descending and end with 0, got {ts}")
+        check_descending_timesteps(self.timesteps)
         return self
 
     def check_run(self, cfg: RunConfig) -> None:
         require_images(cfg, "data.name", "the map is trained at interpolants I_s = (1 - s) x0 + s z of data x0")
-        check_custom_timesteps(cfg, self.timesteps)
-        from distill.families.target import teacher_target
+        check_two_time_run(cfg, self.timesteps, "flow_map")
 
-        target, net, _ = teacher_target(resolve_path(cfg.teacher.path), cfg.teacher.prediction)
-        if target is not None or net.get("_class_name") not in EMBEDDING_SITES:
-            raise ConfigError(f"teacher.path: flow_map adds the end time to the time embedding of a "
-                              f"{' or '.join(EMBEDDING_SITES)} exported as ConsistencyModelPipeline; this teacher "
-                              f"is a {net.get('_class_name')}" + (f" exported as {target.pipeline}" if target else ""))
+
+def check_descending_timesteps(ts: list[float] | None) -> None:
+    """recipe.timesteps, where given: strictly descending and ending with 0 (the export's custom schedule)."""
+    if ts is not None:
+        require(len(ts) >= 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0, "timesteps",
+                f"must be strictly descending and end with 0, got {ts}")
+
+
+def check_two_time_run(cfg: RunConfig, timesteps: list[float] | None, recipe: str) -> None:
+    """A two-time network's run: its custom export timesteps fit the export, and teacher.path is a network whose time
+    embedding takes the end time (one of EMBEDDING_SITES), exported as ConsistencyModelPipeline."""
+    check_custom_timesteps(cfg, timesteps)
+    from distill.families.target import teacher_target
+
+    target, net, _ = teacher_target(resolve_path(cfg.teacher.path), cfg.teacher.prediction)
+    if target is not None or net.get("_class_name") not in EMBEDDING_SITES:
+        raise ConfigError(f"teacher.path: {recipe} adds the end time to the time embedding of a "
+                          f"{' or '.join(EMBEDDING_SITES)} exported as ConsistencyModelPipeline; this teacher "
+                          f"is a {net.get('_class_name')}" + (f" exported as {target.pipeline}" if target else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------

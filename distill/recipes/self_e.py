@@ -59,17 +59,15 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distill.base.batch import Batch, Condition, concat_conditions, index_condition
-from distill.base.errors import ConfigError
-from distill.base.paths import resolve_path
 from distill.config import Config as RunConfig
 from distill.config import Section, require, require_images
-from distill.export.checks import check_custom_timesteps
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
 from distill.recipes.flow_map import (
-    EMBEDDING_SITES,
     TwoTimeStudent,
+    check_descending_timesteps,
+    check_two_time_run,
     fold_end_time,
     residual_loss,
     two_time_x0,
@@ -121,22 +119,12 @@ class Config(Section):
         require(self.guidance_scale == 1 or self.label_dropout > 0, "label_dropout",
                 f"must be > 0 with recipe.guidance_scale: {self.guidance_scale}: the unconditional estimate D_u "
                 "is learnt from data with dropped labels (no teacher provides it)")
-        if self.timesteps is not None:
-            ts = self.timesteps
-            require(len(ts) >= 1 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0, "timesteps",
-                    f"must be strictly descending and end with 0, got {ts}")
+        check_descending_timesteps(self.timesteps)
         return self
 
     def check_run(self, cfg: RunConfig) -> None:
         require_images(cfg, "data.name", "Self-E learns from data: flow matching on I_t = (1 - t) x0 + t z")
-        check_custom_timesteps(cfg, self.timesteps)
-        from distill.families.target import teacher_target
-
-        target, net, _ = teacher_target(resolve_path(cfg.teacher.path), cfg.teacher.prediction)
-        if target is not None or net.get("_class_name") not in EMBEDDING_SITES:
-            raise ConfigError(f"teacher.path: self_e takes its two-time network from a "
-                              f"{' or '.join(EMBEDDING_SITES)} exported as ConsistencyModelPipeline; this one is a "
-                              f"{net.get('_class_name')}" + (f" exported as {target.pipeline}" if target else ""))
+        check_two_time_run(cfg, self.timesteps, "self_e")
 
 
 # ---------------------------------------------------------------------------------------------------------------
