@@ -11,13 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import NO_DISTILL, subprocess_env, tiny_overrides
+from tiny import sample_exports_cleanly, tiny_overrides
 
 from distill.base.errors import ConfigError
 from distill.parametrization import EDMProcess
@@ -274,22 +272,6 @@ def test_init_from_a_folder_without_a_pipeline_is_refused(tiny_teacher, tmp_path
 # Three updates, the export (a clean process samples it), and a second run started from that export
 # ---------------------------------------------------------------------------------------------------------------
 
-CLEAN_SAMPLE = NO_DISTILL + r"""
-import torch
-from diffusers import ConsistencyModelPipeline, DiffusionPipeline
-
-spec = json.load(open(sys.argv[1]))
-pipe = DiffusionPipeline.from_pretrained(spec["folder"])
-pipe.set_progress_bar_config(disable=True)
-assert type(pipe) is ConsistencyModelPipeline, type(pipe)
-out = pipe(batch_size=len(spec["labels"]), class_labels=spec["labels"], num_inference_steps=spec["steps"],
-           generator=torch.Generator().manual_seed(spec["seed"]), output_type="pt").images
-torch.save(out, spec["results"])
-assert not [m for m in sys.modules if m == "distill" or m.startswith("distill.")]
-print("clean load ok")
-"""
-
-
 def test_three_updates_train_the_student_and_the_export_reproduces_generate(tiny_teacher, tmp_path):
     from distill.models.denoiser import load_denoiser
     from distill.training.trainer import Trainer
@@ -313,14 +295,9 @@ def test_three_updates_train_the_student_and_the_export_reproduces_generate(tiny
         noise = torch.randn(len(labels), 1, 8, 8)
         reference = (recipe.generate(gen, {"class_labels": torch.tensor(labels)}, noise) / 2 + 0.5).clamp(0, 1)
         exported = {k: v.clone() for k, v in gen.state_dict().items()}
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"labels": labels, "seed": seed, "folder": str(folder), "steps": 2,
-                                "results": str(tmp_path / "out.pt")}))
-    proc = subprocess.run([sys.executable, "-c", CLEAN_SAMPLE, str(spec)], capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(), cwd=tmp_path)
-    assert proc.returncode == 0 and "clean load ok" in proc.stdout, proc.stderr[-3000:]
+    got = sample_exports_cleanly({"student": {"folder": str(folder), "steps": 2}}, labels, seed, tmp_path)
     assert reference.std() > 0.01
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), reference, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got["student"], reference, atol=2e-5, rtol=1e-4)
 
     # init_from: the exported student starts the next run (and, as kl_reference init, anchors it)
     again, _ = build_recipe(_config(tiny_teacher, Path("/nonexistent"), f"recipe.init_from={folder}",

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from distill.base.batch import Condition
 from distill.base.errors import ConfigError, ExportRefused
+from distill.families.unet2d import UNet2DFamily
 from distill.models.denoiser import Denoiser
 from distill.parametrization import EDMProcess
 
@@ -70,15 +71,11 @@ def low_res_condition(hr: Tensor, factor: int = 4) -> Condition:
     return {LOW_RES_KEY: upsample(downsample(hr, factor), factor)}
 
 
-class LowResConcatFamily:
+class LowResConcatFamily(UNet2DFamily):
     """A `UNet2DModel` with `in_channels = 2 * out_channels`: the (scaled) noisy image and the upsampled low-res
-    image concatenated along channels. Only `call` differs from the shared UNet2DFamily; the low-res channel is not
-    scaled by c_in (it is a condition, not the noisy state)."""
-
-    subfolder = "unet"
-    latent = False
-    lora_targets = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
-    shard_blocks = ("ResnetBlock2D", "Attention")
+    image concatenated along channels. Only `call` (and so the features it hooks), the null condition and the
+    export differ from the shared UNet2DFamily; the low-res channel is not scaled by c_in (it is a condition, not
+    the noisy state)."""
 
     def export_target(self, network_config: dict, scheduler_config: dict, prediction: str | None,
                       pipeline: str | None) -> None:
@@ -93,21 +90,8 @@ class LowResConcatFamily:
                              f"got {got}")
         return model(torch.cat([x, low_res.to(x.dtype)], dim=1), timestep, return_dict=False)[0]
 
-    def call_with_features(self, model: nn.Module, x: Tensor, timestep: Tensor,
-                           cond: Condition) -> tuple[Tensor, Tensor]:
-        captured: list[Tensor] = []
-        handle = model.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            out = self.call(model, x, timestep, cond)
-        finally:
-            handle.remove()
-        return out, captured[0]
-
     def null_condition(self, model: nn.Module, cond: Condition) -> Condition:
         raise ValueError("the SR denoiser has no null condition (no classifier-free guidance)")
-
-    def feature_channels(self, model: nn.Module) -> int:
-        return model.config.block_out_channels[-1]
 
 
 def build_sr_unet(channels: tuple[int, ...] = (32, 64), attention: bool = False, resolution: int = 16):
