@@ -85,8 +85,11 @@ def test_recipes_build_on_the_train_half_only(poisoned_half_a, tiny_teacher, tmp
 
     monkeypatch.chdir(tmp_path)  # relative paths (a config's runs/pairs/... store) never reach the checkout's runs/
 
+    # configs that size a network of their own in the teacher's design, resized to the tiny teacher's two blocks
+    fit_tiny = {"msd.yaml": ["recipe.block_out_channels=[4, 8]"]}
     for path in sorted((REPO / "recipes" / "digits").glob("*.yaml")):
-        cfg = load_config(path, [f"teacher.path={tiny_teacher}", "data.resolution=8", f"run.output_dir={tmp_path}"])
+        cfg = load_config(path, [f"teacher.path={tiny_teacher}", "data.resolution=8", f"run.output_dir={tmp_path}",
+                                 *fit_tiny.get(path.name, [])])
         try:
             _, dataset = build_recipe(cfg, torch.device("cpu"))
         except FileNotFoundError:
