@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from distill.data.digits import NUM_DIGIT_CLASSES, load_digits
 from distill.demo.digits_judge import DIGITS_CLASSIFIER_DIR, DigitsClassifier
-from distill.evaluation.metrics import CONFIG_NAME, WEIGHTS_NAME
+from distill.models.classifier import CONFIG_NAME, WEIGHTS_NAME
 
 
 def stratified_split(

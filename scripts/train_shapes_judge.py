@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from distill.demo.shapes import shapes_split
 from distill.demo.shapes_judge import SHAPES_JUDGE_DIR, ShapesClassifier, ShapesJudge, attribute_loss
-from distill.evaluation.metrics import CONFIG_NAME, WEIGHTS_NAME
+from distill.models.classifier import CONFIG_NAME, WEIGHTS_NAME
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -27,12 +27,11 @@ from distill.data.digits import NUM_DIGIT_CLASSES, digits_split
 from distill.evaluation.metrics import (
     ClassifierFeatureNet,
     ClassifierScore,
-    ConvClassifier,
     FrechetJudge,
     check_images,
     frechet_distance,
-    load_classifier,
 )
+from distill.models.classifier import ConvClassifier, load_classifier
 
 DIGITS_CLASSIFIER_DIR = ASSETS / "digits_classifier"
 

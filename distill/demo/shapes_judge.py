@@ -29,7 +29,8 @@ from torch import nn
 
 from distill.base.paths import ASSETS
 from distill.demo.shapes import ATTRIBUTES, RESOLUTION, SPLITS, attributes_of, shapes_split
-from distill.evaluation.metrics import ClassifierFeatureNet, ConvClassifier, FrechetJudge, load_classifier
+from distill.evaluation.metrics import ClassifierFeatureNet, FrechetJudge
+from distill.models.classifier import ConvClassifier, load_classifier
 
 SHAPES_JUDGE_DIR = ASSETS / "shapes_judge"
 #: the protocol count: 20 images per caption, the size of the reference split

@@ -65,6 +65,7 @@ the prediction errors, several training times per sample.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -74,8 +75,10 @@ from torch import Tensor, nn
 
 from distill.base.batch import Batch, Condition
 from distill.base.errors import ConfigError
+from distill.base.paths import ASSETS
 from distill.config import Config as RunConfig
 from distill.config import Section, require
+from distill.models.classifier import ConvClassifier, load_classifier
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
 from distill.parametrization import add_noise, edm_sigma
@@ -279,10 +282,11 @@ def load_start(folder: str, teacher: Denoiser) -> Denoiser:
 def build(cfg: RunConfig, teacher: Denoiser, dataset) -> CRD:
     classifier = None
     if cfg.recipe.reward != "ink":
-        from distill.demo.digits_judge import load_digits_classifier
-
-        # a frozen reward model: made where the teacher is (the registry moves only trained networks)
-        classifier = load_digits_classifier().to(next(teacher.parameters()).device)
+        # the shipped digits classifier (the FD-digits judge's network, distill/assets/digits_classifier) as a frozen
+        # reward model, made where the teacher is (the registry moves only trained networks)
+        classifier = load_classifier(ASSETS / "digits_classifier", functools.partial(ConvClassifier, 1),
+                                     "digits classifier", "scripts/train_digits_classifier.py")
+        classifier = classifier.to(next(teacher.parameters()).device)
     start = load_start(cfg.recipe.init_from, teacher) if cfg.recipe.init_from else None
     return CRD(cfg.recipe, teacher, cfg.teacher.guidance_scale, cfg.student.num_steps, tuple(dataset.image_shape),
                classifier, start)
