@@ -24,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+from distill.base.paths import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = run_curve(name, configs[name], args.steps, args.budgets, judge, args.seed,
                                  args.out / "runs", args.set)
         held[key] = {"curve": curves[name]}
-        results_file.write_text(json.dumps(held, indent=2) + "\n")
+        write_text_atomic(results_file, json.dumps(held, indent=2) + "\n")
     for name, curve in curves.items():
         cell = table_entry(table, name, args.steps, args.table_budget, args.set)
         at_table = next((p for p in curve if p["budget"] == args.table_budget), None)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ({args.steps} step): {where}; {bar_text}")
         held[f"{name}|steps={args.steps}|seed={args.seed}|set={' '.join(args.set)}"].update(
             {"bar": target, "matches_at": match})
-    results_file.write_text(json.dumps(held, indent=2) + "\n")
+    write_text_atomic(results_file, json.dumps(held, indent=2) + "\n")
     plot(curves, target, args.out / "fd_vs_updates.png", args.steps)
     print(f"wrote {results_file} and {args.out / 'fd_vs_updates.png'}")
     return 0

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from distill.base.optional import exit_if_missing, require
+from distill.base.paths import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -416,7 +417,7 @@ def run_in_parallel(cells: list[tuple[int, str, int, list[str]]], total: int, jo
                       flush=True)
             else:
                 merge_results(results, [out], results_file, results_file.parent / "grids")
-                results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
+                write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")  # after every student: resumable
                 (r,) = json.loads(theirs.read_text()).values()
                 print(f"[{i + 1}/{total}] {name} {k}-step: {progress_line(r)}", flush=True)
     return failed
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         added = merge_results(results, args.merge, results_file, args.out / "compare" / "grids")
         results_file.parent.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")
         print(f"merged {added} new entries from {len(args.merge)} folder(s)", flush=True)
     judge = FDDigits(resolution=16)
     from distill.data.digits import digits_split
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             r["label"] = name + (f" ({' '.join(sets)})" if sets else "")
             results[key] = r
             results_file.parent.mkdir(parents=True, exist_ok=True)
-            results_file.write_text(json.dumps(results, indent=2) + "\n")  # after every student: resumable
+            write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")  # after every student: resumable
             print(f"[{i + 1}/{len(todo)}] {name} {k}-step: {progress_line(r)}", flush=True)
     this_set = " ".join(i for i in args.set if not i.startswith(SEED_SET))
     selected = {k: v for k, v in results.items()  # every seed held of the cells asked for

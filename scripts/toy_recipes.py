@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from distill.base.paths import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             draw_samples(points, mixture, args.out / "toy" / f"{name}.png", f"{name} ({report['steps']} steps)")
             rows.append(report)
             measured[key] = report
-            results_file.write_text(json.dumps(measured, indent=2) + "\n")
+            write_text_atomic(results_file, json.dumps(measured, indent=2) + "\n")
             print(f"[{i + 1}/{len(names)}] {name}: " + ", ".join(f"{k}={report[k]:.3g}" for k, *_ in COLUMNS)
                   + f", {report['train_seconds']:.0f}s", flush=True)
     command = ("OMP_NUM_THREADS=1 python scripts/toy_recipes.py" + (f" --budget {args.budget}" if args.budget else "")

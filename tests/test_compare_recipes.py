@@ -280,3 +280,22 @@ def test_seeds_train_each_cell_once_per_seed(tiny_teacher, tmp_path, capsys):
     assert a["fd_digits"] != b["fd_digits"]  # another seed trained another student
     (row,) = [line for line in (tmp_path / "compare_recipes.md").read_text().splitlines() if line.startswith("| dmd2")]
     assert row.split(" | ")[4] == "2" and " ± " in row.split(" | ")[6]
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    """A crash while results.json is rewritten (here the rename fails) leaves the previous file whole."""
+    import os
+
+    from distill.base.paths import write_text_atomic
+
+    results = tmp_path / "results.json"
+    write_text_atomic(results, '{"a": 1}\n')
+    assert results.read_text() == '{"a": 1}\n'
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_text_atomic(results, '{"a": 1, "b": 2}\n')
+    assert results.read_text() == '{"a": 1}\n'

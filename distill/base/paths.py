@@ -1,8 +1,9 @@
 """Where shipped things are: the bundled assets (`builtin:NAME`) and the recipes' folder, and how a config's
-path names a folder."""
+path names a folder; an atomic write for results files."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -26,3 +27,12 @@ def resolve_path(path: str) -> Path:
         except Exception:  # not in the cache (or no huggingface_hub): reported as a missing folder
             return local
     return local
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and one rename, so a crash mid-write
+    leaves the previous file whole (results files that hours of measurement went into)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
