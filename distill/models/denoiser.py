@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.base.batch import Condition, concat_conditions
+from distill.base.errors import ConfigError
 from distill.families import Family, family_for, model_class
 from distill.parametrization import (
     DIFFUSERS_PREDICTION_TYPES,
@@ -132,6 +133,27 @@ class Denoiser(nn.Module):
         return twin
 
 
+def smaller_network(teacher: Denoiser, block_out_channels: tuple[int, ...], layers_per_block: int | None) -> Denoiser:
+    """A freshly initialised network of the teacher's class and design with other widths (same process and
+    prediction kind, same class embeddings count): SlimFlow's and MSD's smaller students. Errors name the
+    `recipe.block_out_channels` key, the one both recipes read it from."""
+    model = teacher.model
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if len(block_out_channels) != len(config.get("block_out_channels", ())):
+        raise ConfigError(f"recipe.block_out_channels: the teacher has {len(config['block_out_channels'])} blocks "
+                          f"({list(config['block_out_channels'])}), got {list(block_out_channels)}")
+    groups = config.get("norm_num_groups") or 1
+    if any(c % groups for c in block_out_channels):
+        raise ConfigError(f"recipe.block_out_channels: every width must be a multiple of the network's "
+                          f"norm_num_groups ({groups}), got {list(block_out_channels)}")
+    config["block_out_channels"] = list(block_out_channels)
+    if layers_per_block is not None:
+        config["layers_per_block"] = layers_per_block
+    net = type(model).from_config(config)
+    net.to(next(model.parameters()).device).train()
+    return Denoiser(net, teacher.process, teacher.prediction, teacher.family)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a teacher from a diffusers folder
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +232,6 @@ def load_denoiser(
     class_name = model_config.get("_class_name")
     model_cls = model_class(class_name) if isinstance(class_name, str) else None
     if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
-        from distill.base.errors import ConfigError
 
         raise ConfigError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
     if meta:

@@ -18,7 +18,7 @@ simulation, the fake score and its critic update, the time sampler and the norma
    score and the teacher see in this run is one of the student's classes; each loss checks it.
 
 2. A smaller student (`recipe.block_out_channels`, optionally `layers_per_block`): a freshly initialised network
-   of the teacher's design with other widths (SlimFlow's `smaller_network`, `distill.recipes.reflow`), with the
+   of the teacher's design with other widths (`distill.models.denoiser.smaller_network`, shared with SlimFlow), with the
    export target's output kind; null = DMD2's student, a copy of the teacher.
 
 3. TSM (derived here: the paper's TSM loss was not read). For the first T = `tsm_steps` iterations the generator
@@ -63,12 +63,11 @@ from distill.base.batch import Batch, Condition
 from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
 from distill.config import Section, require, require_images
-from distill.models.denoiser import Denoiser
+from distill.models.denoiser import Denoiser, smaller_network
 from distill.models.schedules import student_prediction, student_schedule
 from distill.parametrization import add_noise
 from distill.recipes.dmd2 import DMD2, denoising_loss
 from distill.recipes.dmd2 import Config as DMD2Config
-from distill.recipes.reflow import smaller_network
 from distill.training.recipe import Nets, Recipe
 
 logger = logging.getLogger("distill")

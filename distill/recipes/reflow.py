@@ -53,7 +53,7 @@ from distill.base.errors import ConfigError
 from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.data.pairs import PairDataset, PairsConfig, is_text_store, open_pairs
-from distill.models.denoiser import Denoiser
+from distill.models.denoiser import Denoiser, smaller_network
 from distill.parametrization import EDMProcess, FlowProcess
 from distill.training.recipe import Nets, Recipe
 
@@ -223,28 +223,8 @@ def flow_straightness(flow: Denoiser, cond: Condition, noise: Tensor, num_steps:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The network: the teacher's, or a smaller one of its design (SlimFlow)
+# The network's size (SlimFlow's smaller student: `distill.models.denoiser.smaller_network`)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def smaller_network(teacher: Denoiser, block_out_channels: tuple[int, ...], layers_per_block: int | None) -> Denoiser:
-    """A freshly initialised network of the teacher's class and design with other widths (same process and
-    prediction kind, same class embeddings count)."""
-    model = teacher.model
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    if len(block_out_channels) != len(config.get("block_out_channels", ())):
-        raise ConfigError(f"recipe.block_out_channels: the teacher has {len(config['block_out_channels'])} blocks "
-                          f"({list(config['block_out_channels'])}), got {list(block_out_channels)}")
-    groups = config.get("norm_num_groups") or 1
-    if any(c % groups for c in block_out_channels):
-        raise ConfigError(f"recipe.block_out_channels: every width must be a multiple of the network's "
-                          f"norm_num_groups ({groups}), got {list(block_out_channels)}")
-    config["block_out_channels"] = list(block_out_channels)
-    if layers_per_block is not None:
-        config["layers_per_block"] = layers_per_block
-    net = type(model).from_config(config)
-    net.to(next(model.parameters()).device).train()
-    return Denoiser(net, teacher.process, teacher.prediction, teacher.family)
 
 
 def parameter_count(module: nn.Module) -> int:
