@@ -246,7 +246,10 @@ def test_stage_chain_starts_each_stage_from_the_previous_ema_student(tiny_teache
 
     monkeypatch.setattr(chain, "initialise_student", recording)
     overrides = tiny_overrides(tiny_teacher, Path("/ignored"), "trainer.ema_decay=0.5")
-    folders = chain.run_chain([4, 2], 2, tmp_path, overrides)
+    stages = []  # the on_stage hook (what --score hangs on) sees each stage's trained trainer, in order
+    folders = chain.run_chain([4, 2], 2, tmp_path, overrides,
+                              on_stage=lambda name, t: stages.append((name, t.step, t.cfg.student.num_steps)))
+    assert stages == [("stage_4", 2, 4), ("stage_2", 2, 2)]
     assert folders == [tmp_path / "stage_4" / "pipeline", tmp_path / "stage_2" / "pipeline"]
     assert all((f / "distill.json").is_file() for f in folders)
     assert json.loads((folders[1] / "distill.json").read_text())["num_inference_steps"] == 2
