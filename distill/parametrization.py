@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -458,3 +458,44 @@ def trigflow_from_x0(x0: Tensor, x_trig: Tensor, t: Tensor, sigma_data: float) -
     """TrigFlow network output F of an x0 estimate: sigma_d F = (cos t x_t - x0) / sin t (sCM eq. 6)."""
     cos_t, sin_t = _bcast(torch.cos(t), x_trig), _bcast(torch.sin(t), x_trig)
     return (cos_t * x_trig - x0) / (sigma_data * sin_t)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flow view of a process: x_s = (1 - s) x0 + s z, s in [0, 1], mapped to the network's native state and time
+# (reflow, InstaFlow, flow maps, MDT-dist and Self-E all train in it)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flow_range(process) -> tuple[float, float]:
+    """The flow times (s_min, s_max) a network of `process` covers (EDM: sigma / (1 + sigma) at its ends)."""
+    if isinstance(process, EDMProcess):
+        return process.sigma_min / (1 + process.sigma_min), process.sigma_max / (1 + process.sigma_max)
+    if isinstance(process, FlowProcess):
+        return 0.0, 1.0
+    raise NotImplementedError(f"no flow view of a {type(process).__name__} network yet (EDM and "
+                              "rectified-flow teachers are supported)")
+
+
+def flow_to_native(process, x_s: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, t): the network's native state and time with the same signal-to-noise ratio as flow state x_s."""
+    shape = (-1,) + (1,) * (x_s.ndim - 1)
+    if isinstance(process, EDMProcess):
+        sigma = s / (1 - s)
+        return x_s / (1 - s).reshape(shape).to(x_s.dtype), sigma
+    if isinstance(process, FlowProcess):
+        return x_s, s
+    flow_range(process)  # raises the clear error
+    raise AssertionError
+
+
+def flow_velocity(net: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], process, x_s: Tensor, s: Tensor,
+                  cond: dict[str, Tensor]) -> Tensor:
+    """v(x_s, s) = (x_s - x0_hat) / s: the velocity of x_s = (1 - s) x0 + s z implied by the network's x0."""
+    x_t, t = flow_to_native(process, x_s, s)
+    x0 = net(x_t, t, cond)
+    return (x_s - x0) / s.reshape((-1,) + (1,) * (x_s.ndim - 1)).to(x_s.dtype)
+
+
+def flow_interpolate(x1: Tensor, z: Tensor, s: Tensor) -> Tensor:
+    """x_s = (1 - s) x1 + s z."""
+    s = s.reshape((-1,) + (1,) * (x1.ndim - 1)).to(x1.dtype)
+    return (1 - s) * x1 + s * z

@@ -15,7 +15,7 @@ from tiny import sample_exports_cleanly, tiny_overrides
 from torch import nn
 
 from distill.base.errors import ConfigError
-from distill.parametrization import EDMProcess
+from distill.parametrization import EDMProcess, flow_range
 from distill.recipes.flow_map import (
     TARGET_SIGN,
     Config,
@@ -35,7 +35,6 @@ from distill.recipes.flow_map import (
     teacher_view,
     velocity_from_x0,
 )
-from distill.recipes.reflow import flow_range
 from distill.training.nets import update_nets
 from distill.training.preflight import load_config
 from distill.training.recipe import Nets

@@ -20,7 +20,7 @@ from tiny import REPO, sample_exports_cleanly, tiny_overrides, tiny_unet
 from distill.base.errors import ConfigError
 from distill.models.denoiser import load_denoiser
 from distill.models.schedules import rollout
-from distill.parametrization import EDMProcess, FlowProcess
+from distill.parametrization import EDMProcess, FlowProcess, flow_velocity
 from distill.recipes.dmd2 import dmd_loss
 from distill.recipes.mdt_dist import (
     Config,
@@ -30,7 +30,6 @@ from distill.recipes.mdt_dist import (
     vm_loss,
     vm_target,
 )
-from distill.recipes.reflow import flow_velocity
 from distill.training.nets import update_nets
 from distill.training.preflight import load_config
 from distill.training.registry import build_recipe

@@ -17,20 +17,9 @@ from distill.base.errors import ConfigError
 from distill.data.pairs import generate_from_config
 from distill.models.denoiser import load_denoiser
 from distill.models.schedules import rollout
-from distill.parametrization import EDMProcess
+from distill.parametrization import EDMProcess, flow_interpolate, flow_range, flow_to_native, flow_velocity
 from distill.recipes.instaflow import two_step_euler
-from distill.recipes.reflow import (
-    anneal_beta,
-    annealed_noise,
-    euler_path,
-    flow_range,
-    flow_velocity,
-    interpolate,
-    parameter_count,
-    reflow_loss,
-    straightness,
-    to_native,
-)
+from distill.recipes.reflow import anneal_beta, annealed_noise, euler_path, parameter_count, reflow_loss, straightness
 from distill.training.nets import update_nets
 from distill.training.preflight import load_config
 from distill.training.trainer import Trainer
@@ -75,7 +64,7 @@ def train_toy(z: torch.Tensor, x1: torch.Tensor, steps: int = 800, seed: int = 0
     for _ in range(steps):
         idx = torch.randint(0, z.shape[0], (256,))
         s = torch.rand(256)
-        loss = reflow_loss(flow(interpolate(x1[idx], z[idx], s), s), z[idx], x1[idx]).mean()
+        loss = reflow_loss(flow(flow_interpolate(x1[idx], z[idx], s), s), z[idx], x1[idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -137,7 +126,7 @@ def test_flow_euler_step_is_the_teachers_ddim_step(tiny_teacher):
         v = flow_velocity(teacher, teacher.process, y_a, torch.full((3,), s_a), cond)
         y_b = y_a + (s_b - s_a) * v
     torch.testing.assert_close(y_b * (1 + sig_b), ddim, atol=1e-5, rtol=1e-5)
-    x_t, t = to_native(teacher.process, y_a, torch.full((3,), s_a))
+    x_t, t = flow_to_native(teacher.process, y_a, torch.full((3,), s_a))
     torch.testing.assert_close(t, torch.full((3,), sig_a))
     torch.testing.assert_close(x_t, x_a)
     lo, hi = flow_range(EDMProcess())

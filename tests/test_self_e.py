@@ -13,9 +13,9 @@ import torch
 from tiny import sample_exports_cleanly, tiny_overrides
 
 from distill.base.errors import ConfigError
+from distill.parametrization import flow_interpolate
 from distill.recipes.dmd2 import dmd_gradient, dmd_loss
 from distill.recipes.flow_map import two_time_x0, velocity_from_x0
-from distill.recipes.reflow import interpolate
 from distill.recipes.self_e import guided, renoise
 from distill.training.nets import update_nets
 from distill.training.preflight import load_config
@@ -120,7 +120,7 @@ def test_weight_zero_is_the_plain_flow_matching_loss(tiny_teacher):
     x0, t0, s_max = batch.images, recipe.t0, recipe.s_max
     t = t0 + (s_max - t0) * torch.rand(4)
     z = torch.randn_like(x0)
-    x = interpolate(x0, z, t)
+    x = flow_interpolate(x0, z, t)
     with torch.no_grad():
         v = velocity_from_x0(x, two_time_x0(recipe.generator, recipe.process, x, t, t, batch.cond), t, t0)
     torch.testing.assert_close(loss.detach(), (v - (z - x0)).pow(2).mean(), rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ Learning flow maps via self-distillation", arXiv 2505.18825; the flow map of Bof
 
 Coordinates. Flow time s in [0, 1], x_s = (1 - s) x0 + s z (diffusers' direction: 0 data, 1 noise; the paper runs
 the other way, its t is our 1 - s), the teacher's EDM state y = x_s / (1 - s) at sigma = s / (1 - s)
-(`distill.recipes.reflow.to_native`). The network covers [s_min, s_max] = `reflow.flow_range` (sigma_min = 0.002 to
+(`distill.parametrization.flow_to_native`). The network covers [s_min, s_max] = `flow_range` (sigma_min = 0.002 to
 sigma_max = 80). The PF-ODE is dx_s/ds = b_s(x) = (x - E[x0 | x_s = x]) / s; a teacher gives b through its x0.
 
 The flow map X_{s,t} takes the state at s to the state at t along the PF-ODE (X_{s,s} = id); the paper's
@@ -82,8 +82,7 @@ from distill.export.checks import check_custom_timesteps
 from distill.models.denoiser import Denoiser
 from distill.models.jvp import jvp
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
-from distill.parametrization import _bcast
-from distill.recipes.reflow import flow_range, interpolate, to_native
+from distill.parametrization import _bcast, flow_interpolate, flow_range, flow_to_native
 from distill.recipes.scm import normalize_tangent
 from distill.training.recipe import Nets, Recipe
 
@@ -264,7 +263,7 @@ def velocity_from_x0(x: Tensor, x0: Tensor, s: Tensor, t0: float) -> Tensor:
 
 def two_time_x0(net: nn.Module, process, x: Tensor, s: Tensor, t: Tensor, cond: Condition) -> Tensor:
     """D(x, s, t) of a two-time network at flow state x, flow times s (first) and t (end)."""
-    y, sigma = to_native(process, x, s)
+    y, sigma = flow_to_native(process, x, s)
     return net(y, sigma, cond, end=t)
 
 
@@ -282,7 +281,7 @@ def teacher_view(teacher: Denoiser, cond: Condition, guidance_scale: float = 1.0
     """The teacher's PF-ODE velocity in flow coordinates, b_s(x) = (x - x0_teacher) / s, with CFG w."""
 
     def b(x: Tensor, s: Tensor) -> Tensor:
-        y, sigma = to_native(teacher.process, x, s)
+        y, sigma = flow_to_native(teacher.process, x, s)
         return (x - teacher(y, sigma, cond, guidance_scale=guidance_scale)) / _bcast(s, x).to(x.dtype)
 
     return b
@@ -447,7 +446,7 @@ class FlowMap(Recipe):
             s[:k] = t0 + (self.s_max - t0) * torch.rand(k, device=x0.device)
         t = torch.cat([s[:k], t[k:]])
         z = torch.randn_like(x0)
-        x = interpolate(x0, z, s)
+        x = flow_interpolate(x0, z, s)
         diag, off = slice(0, k), slice(k, n)
         cond_d, cond_o = index_condition(cond, diag), index_condition(cond, off)
         v_target = self.diagonal_target(nets, x[diag], s[diag], (z - x0)[diag], cond_d)

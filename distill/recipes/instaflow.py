@@ -29,7 +29,8 @@ from distill.config import Section
 from distill.data.pairs import PairDataset, PairsConfig, RegressionConfig, open_pairs
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
-from distill.recipes.reflow import flow_range, flow_velocity, parameter_count, vp_latent_teacher
+from distill.parametrization import flow_range, flow_velocity
+from distill.recipes.reflow import parameter_count, vp_latent_teacher
 from distill.training.recipe import Nets, Recipe
 
 

@@ -4,7 +4,7 @@ official code github.com/Zanue/MDT-dist, `trainers/flow_matching/flow_matching_m
 
 Flow coordinates (diffusers' convention, as distill/recipes/reflow.py): x_s = (1 - s) x0 + s z, s = 0 data, s = 1
 noise; the teacher's velocity is v(x, s) = (x - x0_teacher(x, s)) / s. Any network is viewed as a flow through
-reflow's coordinate maps (`to_native`, `flow_velocity`: an EDM teacher at sigma = s / (1 - s)), so the toy and the
+the flow view's coordinate maps (`distill.parametrization.flow_to_native`, `flow_velocity`: an EDM teacher at sigma = s / (1 - s)), so the toy and the
 EDM digits teacher run the same objective as a rectified-flow teacher.
 
 The student u_theta(x, s) is a velocity whose one Euler step to s = 0 is the *marginal-data transport*: the map
@@ -65,7 +65,7 @@ sinusoids, and ConsistencyModelPipeline feeds 250 log sigma where the flow netwo
 Such a teacher is distilled as `recipe.velocity_teacher` (ours, not in the paper): VM's and VD's teacher velocity
 and the critic's initial weights come from it (DMD2 initialises the fake score from the real one), while
 teacher.path (an EDM teacher of the same classes and channels, builtin:digits_teacher) only gives the student its
-initial weights and its export target. Both are views of the same flow coordinates (`to_native` per network), so
+initial weights and its export target. Both are views of the same flow coordinates (`flow_to_native` per network), so
 the objective is unchanged; s is drawn where both networks are defined. The headline digits config distills the
 EDM digits teacher itself (comparable with every other table row); recipes/digits/mdt_dist_variants/
 flow_teacher.yaml distills the flow teacher.
@@ -89,8 +89,8 @@ from distill.config import Config as RunConfig
 from distill.families.target import is_flow_scheduler, read_json
 from distill.models.denoiser import Denoiser, load_denoiser
 from distill.models.schedules import rollout, step_input, student_from_teacher, student_schedule
+from distill.parametrization import flow_interpolate, flow_range, flow_to_native, flow_velocity
 from distill.recipes.dmd2 import FakeScore, denoising_loss, dmd_loss
-from distill.recipes.reflow import flow_range, flow_velocity, interpolate, to_native
 from distill.training.recipe import Nets, Recipe
 
 
@@ -207,7 +207,7 @@ class MDTDist(Recipe):
         self.cfg = cfg
         self.image_shape = image_shape
         # the velocity VM and VD match (teacher.path's, or recipe.velocity_teacher's) and the student, each in its
-        # own native coordinates (to_native / flow_velocity with its own process)
+        # own native coordinates (flow_to_native / flow_velocity with its own process)
         self.teacher = (teacher if velocity_teacher is None else velocity_teacher).eval().requires_grad_(False)
         self.guided_teacher = functools.partial(self.teacher, guidance_scale=guidance_scale)
         self.generator = student_from_teacher(teacher)
@@ -261,8 +261,8 @@ class MDTDist(Recipe):
             else:
                 x0 = self.student_sample(nets, cond, n, device)
             s = self.sample_s(n, device)
-            x_s = interpolate(x0, torch.randn_like(x0), s)
-            x_t, t = to_native(self.student_process, x_s, s)
+            x_s = flow_interpolate(x0, torch.randn_like(x0), s)
+            x_t, t = flow_to_native(self.student_process, x_s, s)
             inputs.append(x_t), times.append(t), conds.append(cond)
         if cfg.vd_weight > 0:
             x_in, t_in = self.student_input(nets, cond, n, device)
@@ -282,7 +282,7 @@ class MDTDist(Recipe):
             if self.schedule.clip_x0:
                 x = x.clamp(-1, 1)
             s2 = self.sample_s(n, device)
-            x_s2 = interpolate(x.detach(), torch.randn_like(x), s2)
+            x_s2 = flow_interpolate(x.detach(), torch.randn_like(x), s2)
             with torch.no_grad():
                 if cfg.vd_fake == "critic":
                     v_real = self.teacher_velocity(x_s2, s2, cond)
@@ -303,7 +303,8 @@ class MDTDist(Recipe):
         first = next(iter(cond.values()))
         x = self.student_sample(nets, cond, first.shape[0], first.device)
         s = self.sample_s(x.shape[0], x.device)
-        x_t, t = to_native(self.teacher.process, interpolate(x, torch.randn_like(x), s), s)  # the critic's coordinates
+        # the critic's coordinates
+        x_t, t = flow_to_native(self.teacher.process, flow_interpolate(x, torch.randn_like(x), s), s)
         x0_hat, _ = nets.trained(x_t, t, cond)
         fake = nets.critic.denoiser
         loss = denoising_loss(fake.to_native(x0_hat, x_t, t), fake.to_native(x, x_t, t)).mean()
@@ -318,7 +319,7 @@ class MDTDist(Recipe):
         """The VM residual ||u - (v - s D)||^2 / D on the student's own one-step samples re-noised at s = 0.5."""
         x0 = rollout(generator, self.schedule, cond, noise, steps=1)
         s = torch.full((x0.shape[0],), 0.5, device=x0.device).clamp(self.s_lo + self.cfg.interval, self.s_hi)
-        x_s = interpolate(x0, torch.randn_like(x0), s)
+        x_s = flow_interpolate(x0, torch.randn_like(x0), s)
         u = flow_velocity(generator, self.student_process, x_s, s, cond)
         return {"vm_residual": float(vm_loss(u, self.transport_target(generator, x_s, s, u, cond)).mean())}
 

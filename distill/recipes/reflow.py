@@ -54,7 +54,7 @@ from distill.config import Config as RunConfig
 from distill.config import Section, require
 from distill.data.pairs import PairDataset, PairsConfig, is_text_store, open_pairs
 from distill.models.denoiser import Denoiser, smaller_network
-from distill.parametrization import EDMProcess, FlowProcess
+from distill.parametrization import flow_interpolate, flow_range, flow_velocity
 from distill.training.recipe import Nets, Recipe
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -112,41 +112,6 @@ def vp_latent_teacher(cfg: RunConfig) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Flow coordinates (pure functions)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def flow_range(process) -> tuple[float, float]:
-    """The flow times (s_min, s_max) a network of `process` covers (EDM: sigma / (1 + sigma) at its ends)."""
-    if isinstance(process, EDMProcess):
-        return process.sigma_min / (1 + process.sigma_min), process.sigma_max / (1 + process.sigma_max)
-    if isinstance(process, FlowProcess):
-        return 0.0, 1.0
-    raise NotImplementedError(f"reflow: no flow view of a {type(process).__name__} network yet (EDM and "
-                              "rectified-flow teachers are supported)")
-
-
-def to_native(process, x_s: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_t, t): the network's native state and time with the same signal-to-noise ratio as flow state x_s."""
-    shape = (-1,) + (1,) * (x_s.ndim - 1)
-    if isinstance(process, EDMProcess):
-        sigma = s / (1 - s)
-        return x_s / (1 - s).reshape(shape).to(x_s.dtype), sigma
-    if isinstance(process, FlowProcess):
-        return x_s, s
-    flow_range(process)  # raises the clear error
-    raise AssertionError
-
-
-def flow_velocity(net: nn.Module, process, x_s: Tensor, s: Tensor, cond: Condition) -> Tensor:
-    """v(x_s, s) = (x_s - x0_hat) / s: the velocity of x_s = (1 - s) x0 + s z implied by the network's x0."""
-    x_t, t = to_native(process, x_s, s)
-    x0 = net(x_t, t, cond)
-    return (x_s - x0) / s.reshape((-1,) + (1,) * (x_s.ndim - 1)).to(x_s.dtype)
-
-
-def interpolate(x1: Tensor, z: Tensor, s: Tensor) -> Tensor:
-    """x_s = (1 - s) x1 + s z."""
-    s = s.reshape((-1,) + (1,) * (x1.ndim - 1)).to(x1.dtype)
-    return (1 - s) * x1 + s * z
 
 
 def reflow_loss(v_pred: Tensor, z: Tensor, x1: Tensor) -> Tensor:
@@ -331,7 +296,7 @@ class Reflow(Recipe):
         beta = anneal_beta(step, self.cfg.anneal_steps)
         z = annealed_noise(batch.noise, torch.randn_like(batch.noise), beta) if beta > 0 else batch.noise
         s = torch.rand(n, device=x1.device) * (self.s_max - self.s_min) + self.s_min
-        v = flow_velocity(nets.trained, nets.generator.process, interpolate(x1, z, s), s, cond)
+        v = flow_velocity(nets.trained, nets.generator.process, flow_interpolate(x1, z, s), s, cond)
         loss = reflow_loss(v, z, x1).mean()
         return loss, {"loss": loss.item(), "reflow_loss": loss.item(), "anneal_beta": beta}
 

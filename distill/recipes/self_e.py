@@ -63,6 +63,7 @@ from distill.config import Config as RunConfig
 from distill.config import Section, require, require_images
 from distill.models.denoiser import Denoiser
 from distill.models.schedules import rollout, student_from_teacher, student_schedule
+from distill.parametrization import flow_interpolate, flow_range, flow_to_native
 from distill.recipes.dmd2 import denoising_loss, dmd_gradient, dmd_loss
 from distill.recipes.flow_map import (
     TwoTimeStudent,
@@ -73,7 +74,6 @@ from distill.recipes.flow_map import (
     two_time_x0,
     velocity_from_x0,
 )
-from distill.recipes.reflow import flow_range, interpolate, to_native
 from distill.training.recipe import Nets, Recipe
 
 
@@ -139,7 +139,7 @@ def guided(x0_cond: Tensor, x0_uncond: Tensor | None, w: float) -> Tensor:
 
 def renoise(x0: Tensor, eps: Tensor, tau: Tensor) -> Tensor:
     """A clean sample re-noised to flow time tau: (1 - tau) x0 + tau eps."""
-    return interpolate(x0, eps, tau)
+    return flow_interpolate(x0, eps, tau)
 
 
 def fresh_like(denoiser: Denoiser) -> Denoiser:
@@ -222,7 +222,7 @@ class SelfE(Recipe):
         """The landed distribution's denoiser: the critic's, or the model's own unguided conditional estimate."""
         if self.cfg.fake_score == "conditional":
             return two_time_x0(self.evaluator(nets), self.process, x_tau, tau, tau, cond)
-        y, sigma = to_native(self.process, x_tau, tau)
+        y, sigma = flow_to_native(self.process, x_tau, tau)
         return nets.critic(y, sigma, cond)
 
     # -- the two updates -----------------------------------------------------------------------------------------
@@ -239,11 +239,11 @@ class SelfE(Recipe):
         cond_d = index_condition(cond, slice(0, k))
         if cfg.label_dropout > 0:
             cond_d = drop_labels(cond_d, self.null(cond_d), cfg.label_dropout)
-        x_d = interpolate(x0[:k], z, t)
+        x_d = flow_interpolate(x0[:k], z, t)
         if k < n:
             cond_s = index_condition(cond, slice(k, n))
             t_s = self.start_times(n - k, device)
-            x_s = interpolate(x0[k:], torch.randn_like(x0[k:]), t_s)
+            x_s = flow_interpolate(x0[k:], torch.randn_like(x0[k:]), t_s)
             xs, ts = torch.cat([x_d, x_s]), torch.cat([t, t_s])
             ends = torch.cat([t, torch.full_like(t_s, t0)])
             cond_p = concat_conditions(cond_d, cond_s)
@@ -274,10 +274,10 @@ class SelfE(Recipe):
         n, device = x0.shape[0], x0.device
         t_s = self.start_times(n, device)
         with torch.no_grad():
-            x_s = interpolate(x0, torch.randn_like(x0), t_s)
+            x_s = flow_interpolate(x0, torch.randn_like(x0), t_s)
             x_hat = two_time_x0(nets.generator, self.process, x_s, t_s, torch.full_like(t_s, self.t0), cond)
         tau = self.tau(n, device)
-        y, sigma = to_native(self.process, renoise(x_hat, torch.randn_like(x_hat), tau), tau)
+        y, sigma = flow_to_native(self.process, renoise(x_hat, torch.randn_like(x_hat), tau), tau)
         pred = nets.trained(y, sigma, cond)
         critic = nets.critic
         loss = denoising_loss(critic.to_native(pred, y, sigma), critic.to_native(x_hat, y, sigma)).mean()
