@@ -10,7 +10,12 @@ writes; with `--diagonal`, also k deterministic DDIM steps of the model's own fl
 uniform flow-time grid (the flow-matching half alone, not the export).
 
     OMP_NUM_THREADS=1 python scripts/self_e_any_step.py [--budget 400] [--steps 1 2 4 50] [--diagonal]
-        [--run runs/self_e_digits] [--set recipe.self_eval_weight=0 ...]
+        [--out runs/self_e_any_step | --run runs/self_e_digits] [--set recipe.self_eval_weight=0 ...]
+
+A step count the exported scheduler cannot take (CMStochasticIterativeScheduler has `num_train_timesteps` = 40
+levels, so 50 pipeline steps do not exist) gets a row saying why; its diagonal row is still scored. Rows print as
+they are scored; with `--out` the trained run keeps its last checkpoint, so `--run <out>/self_e` scores it again
+without training.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ def _compare():
     return module
 
 
-def trained(config: Path, budget: int | None, extra: list[str], workdir: Path, run: Path | None):
-    """(trainer holding the trained model, training wall seconds, updates run): trained now, or loaded from `run`."""
+def trained(config: Path, budget: int | None, extra: list[str], workdir: Path, run: Path | None, keep: bool = False):
+    """(trainer holding the trained model, training wall seconds, updates run): trained now (in `workdir`/self_e,
+    with a checkpoint at the last update if `keep`), or loaded from `run`."""
     from distill.training.preflight import load_config
     from distill.training.trainer import Trainer
 
@@ -51,7 +57,7 @@ def trained(config: Path, budget: int | None, extra: list[str], workdir: Path, r
         trainer.load_checkpoint(ckpt)
         return trainer, None, trainer.step
     overrides = [f"run.output_dir={workdir / 'self_e'}", "trainer.progress_bar=false", "export.at_end=false",
-                 "trainer.checkpoint_every=0", "trainer.sample_every=0", *extra]
+                 f"trainer.checkpoint_every={10**9 if keep else 0}", "trainer.sample_every=0", *extra]
     if budget is not None:
         overrides.append(f"run.max_steps={budget}")
     trainer = Trainer(load_config(config, overrides))
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the scoring noise (compare_recipes' --seed)")
     ap.add_argument("--diagonal", action="store_true", help="also the diagonal's deterministic DDIM at each k")
     ap.add_argument("--run", type=Path, default=None, help="a finished run folder to load instead of training")
+    ap.add_argument("--out", type=Path, default=None, help="train in <out>/self_e and keep its last checkpoint")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -95,19 +102,33 @@ def main(argv: list[str] | None = None) -> int:
     from distill.demo.digits_judge import FDDigits
     from distill.models.schedules import student_schedule
 
+    if args.run is not None and args.out is not None:
+        raise SystemExit("--run loads a finished run and --out trains a new one: give one of them")
     judge = FDDigits(resolution=16)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, seconds, updates = trained(args.config, args.budget, args.set, Path(tmp), args.run)
+        workdir = Path(tmp) if args.out is None else args.out
+        trainer, seconds, updates = trained(args.config, args.budget, args.set, workdir, args.run,
+                                            keep=args.out is not None)
         recipe = trainer.recipe
         rows = []
+
+        def scored(name: str, k: int, report: dict | str) -> None:
+            rows.append((name, k, report))
+            figure = report if isinstance(report, str) else f"FD-digits {report['fd_digits']:.3f}"
+            print(f"{name}: {figure}", flush=True)
+
         for k in args.steps:
-            recipe.schedule = student_schedule(recipe.generator.student, k)  # the exported pipeline at k steps
-            rows.append((f"pipeline, {k}", k, compare.score_student(trainer, judge, args.seed)))
+            try:
+                recipe.schedule = student_schedule(recipe.generator.student, k)  # the exported pipeline at k steps
+            except ValueError as err:  # more steps than the exported scheduler has levels
+                scored(f"pipeline, {k}", k, f"not possible: {err}")
+            else:
+                scored(f"pipeline, {k}", k, compare.score_student(trainer, judge, args.seed))
             if args.diagonal:
                 own = recipe.generate
                 recipe.generate = DiagonalDDIM(recipe, k)
                 try:
-                    rows.append((f"diagonal DDIM, {k}", k, compare.score_student(trainer, judge, args.seed)))
+                    scored(f"diagonal DDIM, {k}", k, compare.score_student(trainer, judge, args.seed))
                 finally:
                     recipe.generate = own
     cfg = trainer.cfg
@@ -120,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, k, r in rows:
         teacher = TEACHER_FD.get(k)
+        if isinstance(r, str):
+            print(f"| {name} | {r} | | | | | {'-' if teacher is None else f'{teacher:.3f}'} |")
+            continue
         print(f"| {name} | {r['fd_digits']:.3f} | {r['fd_digits'] / FLOOR:.2f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {r['accuracy']:.3f} | {'-' if teacher is None else f'{teacher:.3f}'} |")
     return 0
