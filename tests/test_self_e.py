@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import sample_exports_cleanly, tiny_overrides
+from tiny import REPO, sample_exports_cleanly, tiny_overrides
 
 from distill.base.errors import ConfigError
 from distill.parametrization import flow_interpolate
@@ -223,3 +223,21 @@ def test_run_and_export_reproduce_generate_at_one_and_two_steps(tiny_teacher, tm
 def test_bad_config_names_the_key(tiny_teacher, extra, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _config(tiny_teacher, Path("/nonexistent"), *extra)
+
+
+def test_any_step_script_says_which_step_count_the_export_cannot_take_and_keeps_the_run(tmp_path, capsys):
+    """scripts/self_e_any_step.py: 41 pipeline steps exceed the exported CM scheduler's 40 levels; the row says so
+    (the run does not end after its training), --out keeps the last checkpoint, and --run scores it again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("self_e_any_step", REPO / "scripts" / "self_e_any_step.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--budget", "1", "--steps", "41", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline, 41: not possible" in out and "40" in out and "1 updates" in out
+    assert (tmp_path / "self_e" / "checkpoints" / "step-00000001").is_dir()
+    assert script.main(["--run", str(tmp_path / "self_e"), "--steps", "41"]) == 0
+    assert "loaded from" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give one of them"):
+        script.main(["--run", str(tmp_path / "self_e"), "--out", str(tmp_path / "x")])
