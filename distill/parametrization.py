@@ -459,6 +459,7 @@ def trigflow_from_x0(x0: Tensor, x_trig: Tensor, t: Tensor, sigma_data: float) -
     cos_t, sin_t = _bcast(torch.cos(t), x_trig), _bcast(torch.sin(t), x_trig)
     return (cos_t * x_trig - x0) / (sigma_data * sin_t)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # The flow view of a process: x_s = (1 - s) x0 + s z, s in [0, 1], mapped to the network's native state and time
 # (reflow, InstaFlow, flow maps, MDT-dist and Self-E all train in it)

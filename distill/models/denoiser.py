@@ -232,7 +232,6 @@ def load_denoiser(
     class_name = model_config.get("_class_name")
     model_cls = model_class(class_name) if isinstance(class_name, str) else None
     if model_cls is None:  # a ConfigError (a ValueError): the CLI reports it without a traceback
-
         raise ConfigError(f"{str(root / subfolder / 'config.json')!r}: unknown diffusers class {class_name!r}")
     if meta:
         with torch.device("meta"):

@@ -110,7 +110,7 @@ def vp_latent_teacher(cfg: RunConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Flow coordinates (pure functions)
+# Reflow's losses and pair annealing (pure functions; the flow coordinates: distill.parametrization's flow view)
 # ---------------------------------------------------------------------------------------------------------------
 
 
