@@ -19,24 +19,17 @@ the first budget whose FD-digits is at most the bar's mean plus its seed sd (its
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
 from distill.base.paths import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # compare_recipes: one scorer for the table and this script
 
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _compare()
+import compare_recipes as compare  # noqa: E402
 
 
 def bar(results: dict[str, dict], steps: int, budget: int, exclude: set[str]) -> dict | None:

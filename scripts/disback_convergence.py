@@ -17,8 +17,8 @@ where its target becomes the teacher. Writes <out>/disback_convergence.json and 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +26,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _compare_recipes():
-    """scripts/compare_recipes.py as a module (one scorer for the table and this plot)."""
-    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "scripts"))  # compare_recipes: one scorer for the table and this script
 
 
 def recipe_sets(config: Path, sets: list[str]) -> list[str]:
@@ -51,10 +44,10 @@ def curve(name: str, steps: int, budget: int, every: int, judge, seed: int, work
     """Train recipes/digits/<name>.yaml at k = `steps` for `budget` iterations (configured as a cell of
     scripts/compare_recipes.py, `cell_config`), scoring its EMA student at 0, every `every`
     iterations and at the end. Returns {"points": [{"step", "fd_digits", ...}], "phases": {...}, "seconds"}."""
+    import compare_recipes as compare
+
     from distill.training.registry import recipe_configs
     from distill.training.trainer import Trainer
-
-    compare = _compare_recipes()
     config = recipe_configs("digits", [name])[name]
     cfg = compare.cell_config(name, config, steps, budget, workdir, recipe_sets(config, sets))  # a table cell's
     trainer = Trainer(cfg)

@@ -25,24 +25,18 @@ run.max_steps, student.num_steps and recipe.classes win over them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # compare_recipes: one scorer for the table and this script
 MSD_CONFIG = REPO / "recipes" / "digits" / "msd.yaml"
 BASELINE_CONFIG = REPO / "recipes" / "digits" / "dmd2.yaml"
-
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_overrides(out: Path, name: str, budget: int, steps: int, overrides: list[str]) -> list[str]:
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         routes = split_classes(DigitsDataset.num_classes, args.students)
     except ValueError as e:
         raise SystemExit(f"--students: {e}") from None
-    compare = _compare()
+    import compare_recipes as compare
     general = [o for o in args.set if not o.startswith("recipe.")]
     students = []
     for i, classes in enumerate(routes):

@@ -21,7 +21,7 @@ without training.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # compare_recipes: one scorer for the table and this script
 #: the shipped teacher, DPM-Solver++(2M) at w = 1, 898 samples (docs/teacher.md); floor 1.466
 TEACHER_FD = {1: 11.447, 2: 5.323, 4: 2.658, 8: 1.530, 20: 1.464, 50: 1.468}
 FLOOR = 1.466
-
-
-def _compare():
-    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trained(config: Path, budget: int | None, extra: list[str], workdir: Path, run: Path | None, keep: bool = False):
@@ -98,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    compare = _compare()
+    import compare_recipes as compare
+
     from distill.demo.digits_judge import FDDigits
     from distill.models.schedules import student_schedule
 

@@ -18,14 +18,15 @@ run.output_dir, run.max_steps, export.at_end (and student.num_steps=1 for DMD2) 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # compare_recipes: one scorer for the table and this script
 STAGES = REPO / "recipes" / "digits" / "tscd_stages"
 DMD2 = REPO / "recipes" / "digits" / "dmd2.yaml"
 
@@ -108,12 +109,10 @@ def run_chain(stages: list[int], budget: int, out: Path, overrides: list[str] = 
 def table_scorer(out: Path, seed: int) -> Callable[[str, object], None]:
     """An `on_stage` that scores each stage's EMA student as a headline-table cell and keeps the figures in
     <out>/chain_scores.json (rewritten atomically after each stage)."""
+    import compare_recipes as compare
+
     from distill.base.paths import write_text_atomic
     from distill.demo.digits_judge import FDDigits
-
-    spec = importlib.util.spec_from_file_location("compare_recipes", REPO / "scripts" / "compare_recipes.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
     judge, scores, file = FDDigits(resolution=16), {}, out / "chain_scores.json"
 
     def score(name: str, trainer) -> None:
