@@ -58,13 +58,17 @@ def train(config: Path, overrides: list[str]):
     return trainer
 
 
-def routed_images(trainers: list, routes: list[list[int]], labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def routed_images(trainers: list, routes: list[list[int]], labels: torch.Tensor, noise: torch.Tensor,
+                  seed: int = 0) -> torch.Tensor:
     """Each label's sample from the student that owns it (routes[i]: student i's classes), from the same noise
-    row it would have had in one student's batch; clamped to [-1, 1] as the table's samples are."""
+    row it would have had in one student's batch; clamped to [-1, 1] as the table's samples are. A k-step
+    rollout's re-noising draws start from `seed` for each student."""
+    from distill.base.seeding import seeded
+
     images = torch.empty_like(noise)
     for trainer, classes in zip(trainers, routes):
         rows = torch.nonzero(torch.isin(labels, torch.tensor(classes))).squeeze(1)
-        with torch.no_grad(), trainer.ema_weights() as gen:
+        with torch.no_grad(), trainer.ema_weights() as gen, seeded(seed, trainer.accelerator.device):
             for chunk in range(0, len(rows), 256):
                 idx = rows[chunk: chunk + 256]
                 images[idx] = trainer.recipe.generate(gen, {"class_labels": labels[idx]}, noise[idx]).float().cpu()
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = FDDigits(resolution=res)
     labels = torch.arange(judge.count) % 10
     noise = torch.randn((judge.count, 1, res, res), generator=torch.Generator().manual_seed(args.seed))
-    images = routed_images(students, routes, labels, noise)
+    images = routed_images(students, routes, labels, noise, args.seed)
     routed = judge.report(images, labels)
     routed["diversity"] = compare.class_diversity(judge.features(images), labels)
     single = compare.score_student(baseline, judge, args.seed)

@@ -299,3 +299,30 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk gone"):
         write_text_atomic(results, '{"a": 1, "b": 2}\n')
     assert results.read_text() == '{"a": 1}\n'
+
+
+def test_multistep_scores_depend_on_the_seed_not_on_what_the_process_drew_before(tiny_teacher, tmp_path):
+    """A k-step rollout re-noises between steps with torch.randn_like: score_student draws that noise from the
+    stream of its `seed` as well, so one student scores the same whatever the process drew before, and the
+    process's own stream is left where it was (a run that scores along the way trains on unchanged)."""
+    import torch
+
+    from distill.demo.digits_judge import FDDigits
+    from distill.training.registry import recipe_configs
+    from distill.training.trainer import Trainer
+
+    compare = _script("compare_recipes")
+    config = recipe_configs("digits", ["dmd2"])["dmd2"]
+    cfg = compare.cell_config("dmd2", config, 2, 1, tmp_path, [f"teacher.path={tiny_teacher}", "data.batch_size=4"])
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    judge = FDDigits(resolution=cfg.data.resolution)
+    reports = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        state = torch.get_rng_state()
+        reports.append(compare.score_student(trainer, judge, seed=0))
+        assert torch.equal(torch.get_rng_state(), state)  # the process's stream put back
+    assert reports[0] == reports[1]
+    other = compare.score_student(trainer, judge, seed=1)  # another seed: other noises, other figures
+    assert other["fd_digits"] != reports[0]["fd_digits"]

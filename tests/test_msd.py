@@ -126,9 +126,11 @@ def test_routed_samples_come_from_the_student_that_owns_each_label():
         @contextlib.contextmanager
         def ema_weights():
             yield None
-        return SimpleNamespace(ema_weights=ema_weights, recipe=SimpleNamespace(
-            generate=lambda gen, cond, noise: torch.full_like(noise, value) + 0 * cond["class_labels"][:, None, None,
-                                                                                                       None]))
+        def generate(gen, cond, noise):
+            return torch.full_like(noise, value) + 0 * cond["class_labels"][:, None, None, None]
+
+        return SimpleNamespace(ema_weights=ema_weights, accelerator=SimpleNamespace(device=torch.device("cpu")),
+                               recipe=SimpleNamespace(generate=generate))
 
     labels = torch.arange(23) % 10
     images = script.routed_images([student(0.25), student(-0.5)], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], labels,

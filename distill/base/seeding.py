@@ -45,3 +45,15 @@ class MicroBatchRNG:
             yield
         finally:
             self._states[i] = self._capture()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """torch's global random stream started from `seed` inside the block, and the process's own stream put back
+    after it. What a k-step rollout draws inside (its re-noising, `torch.randn_like`) is then fixed by `seed`, not
+    by whatever the process drew before: the same student scored by two scripts, or twice in one run, draws the
+    same noise, and a training run that scores along the way trains on as if it had not."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
