@@ -326,3 +326,14 @@ def test_multistep_scores_depend_on_the_seed_not_on_what_the_process_drew_before
     assert reports[0] == reports[1]
     other = compare.score_student(trainer, judge, seed=1)  # another seed: other noises, other figures
     assert other["fd_digits"] != reports[0]["fd_digits"]
+    # The re-noising stream is not the starting noise's: peek at each chunk's first draw, leaving the stream as it is.
+    drawn, original = [], trainer.recipe.generate
+
+    def generate(gen, cond, noise):
+        with torch.random.fork_rng():
+            drawn.append((torch.randn_like(noise), noise))
+        return original(gen, cond, noise)
+
+    trainer.recipe.generate = generate
+    assert compare.score_student(trainer, judge, seed=0) == reports[0]
+    assert drawn and not any(torch.equal(renoise, noise) for renoise, noise in drawn)

@@ -57,3 +57,9 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def renoise_seed(seed: int) -> int:
+    """The seed of a k-step rollout's re-noising when its starting noise comes from torch.Generator().manual_seed(
+    seed): another stream, since the same seed would re-noise each step with the starting noise itself."""
+    return step_seed(seed, 0, 0, stream=1)
