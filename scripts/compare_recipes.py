@@ -93,21 +93,21 @@ def score_student(trainer, judge, seed: int, grid: Path | None = None) -> dict:
     recipe has it; 10 samples of each class drawn to `grid`. The rollout's re-noising draws (k > 1) come from a
     stream of `seed` too (`renoise_seed`), so the figures are a function of the student and `seed` alone."""
     from distill.base.imaging import save_grid
-    from distill.base.seeding import renoise_seed, seeded
+    from distill.base.seeding import seeded_renoising
 
     cfg = trainer.cfg
     labels = torch.arange(judge.count) % 10
     shape = (1, cfg.data.resolution, cfg.data.resolution)  # digits images (a pair store may be the dataset)
     noise = torch.randn((judge.count, *shape), generator=torch.Generator().manual_seed(seed))
     images, device = [], trainer.accelerator.device
-    with torch.no_grad(), trainer.ema_weights() as gen, seeded(renoise_seed(seed), device):
+    with torch.no_grad(), trainer.ema_weights() as gen, seeded_renoising(seed, device):
         for chunk in range(0, judge.count, 256):
             cond = {"class_labels": labels[chunk: chunk + 256]}
             images.append(trainer.recipe.generate(gen, cond, noise[chunk: chunk + 256]).float().cpu())
     images = torch.cat(images).clamp(-1, 1)
     diagnostics = {}
     if callable(getattr(trainer.recipe, "diagnostics", None)):  # a method's own figure (a residual, ...)
-        with torch.no_grad(), trainer.ema_weights() as gen, seeded(renoise_seed(seed), device):
+        with torch.no_grad(), trainer.ema_weights() as gen, seeded_renoising(seed, device):
             cond = {"class_labels": labels[:256]}
             diagnostics = {k: float(v) for k, v in trainer.recipe.diagnostics(gen, cond, noise[:256]).items()}
     if grid is not None:  # 10 samples of each class, one class per column

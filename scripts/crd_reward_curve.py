@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from distill.base.optional import exit_if_missing, require
-from distill.base.seeding import renoise_seed, seeded
+from distill.base.seeding import seeded_renoising
 
 FIGURES = ("reward", "fd_digits", "recall", "precision", "accuracy")
 
@@ -35,7 +35,7 @@ def evaluate(trainer, judge, seed: int) -> dict[str, float]:
     noise = torch.randn((judge.count, *shape), generator=torch.Generator().manual_seed(seed))
     device = next(recipe.generator.parameters()).device
     images, rewards = [], []
-    with torch.no_grad(), trainer.ema_weights() as gen, seeded(renoise_seed(seed), device):  # the re-noising too
+    with torch.no_grad(), trainer.ema_weights() as gen, seeded_renoising(seed, device):  # the re-noising too
         for i in range(0, judge.count, 256):
             cond = {"class_labels": labels[i: i + 256].to(device)}
             x = recipe.generate(gen, cond, noise[i: i + 256].to(device)).clamp(-1, 1)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from distill.base.seeding import renoise_seed, seeded
+    from distill.base.seeding import seeded_renoising
     from distill.data.toy import toy_mixture
     from distill.demo.toy_metrics import toy_report
     from distill.models.schedules import rollout, student_schedule
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 points = sample_flow_map(gen, cond, noise, jump_grid(recipe.process, k))
                 rows.append((f"flow-map jumps X_(s_i, s_i+1), {k}", toy_report(mixture, points.double(), args.seed)))
                 schedule = student_schedule(gen.student, k)
-                with seeded(renoise_seed(args.seed)):  # the pipeline's re-noising: not the starting noise again
+                with seeded_renoising(args.seed):  # the pipeline's re-noising: not the starting noise again
                     points = rollout(gen, schedule, cond, noise)
                 rows.append((f"pipeline sampler (X_(s_i, t0), re-noise), {k}", toy_report(mixture, points.double(),
                                                                                           args.seed)))

@@ -63,12 +63,12 @@ def routed_images(trainers: list, routes: list[list[int]], labels: torch.Tensor,
     """Each label's sample from the student that owns it (routes[i]: student i's classes), from the same noise
     row it would have had in one student's batch; clamped to [-1, 1] as the table's samples are. A k-step
     rollout's re-noising draws start from `seed` for each student."""
-    from distill.base.seeding import renoise_seed, seeded
+    from distill.base.seeding import seeded_renoising
 
     images = torch.empty_like(noise)
     for trainer, classes in zip(trainers, routes):
         rows = torch.nonzero(torch.isin(labels, torch.tensor(classes))).squeeze(1)
-        with torch.no_grad(), trainer.ema_weights() as gen, seeded(renoise_seed(seed), trainer.accelerator.device):
+        with torch.no_grad(), trainer.ema_weights() as gen, seeded_renoising(seed, trainer.accelerator.device):
             for chunk in range(0, len(rows), 256):
                 idx = rows[chunk: chunk + 256]
                 images[idx] = trainer.recipe.generate(gen, {"class_labels": labels[idx]}, noise[idx]).float().cpu()

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from distill.base.paths import write_text_atomic
-from distill.base.seeding import renoise_seed, seeded
+from distill.base.seeding import seeded_renoising
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def run_recipe(name: str, config: Path, budget: int | None, n: int, seed: int, w
     noise = torch.randn(n, 2, generator=g)
     cond = trainer.dataset.grid_condition(n)
     # the rollout's re-noising draws (k > 1) from the seed's stream too, not from what this process drew before
-    with torch.no_grad(), trainer.ema_weights() as gen, seeded(renoise_seed(seed), trainer.accelerator.device):
+    with torch.no_grad(), trainer.ema_weights() as gen, seeded_renoising(seed, trainer.accelerator.device):
         points = trainer.recipe.generate(gen, cond, noise).float().cpu()
         diagnose = getattr(trainer.recipe, "diagnostics", None)  # a method's own figure (a residual, ...)
         diagnostics = {k: float(v) for k, v in diagnose(gen, cond, noise).items()} if callable(diagnose) else {}

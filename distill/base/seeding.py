@@ -63,3 +63,10 @@ def renoise_seed(seed: int) -> int:
     """The seed of a k-step rollout's re-noising when its starting noise comes from torch.Generator().manual_seed(
     seed): another stream, since the same seed would re-noise each step with the starting noise itself."""
     return step_seed(seed, 0, 0, stream=1)
+
+
+def seeded_renoising(seed: int, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[None]:
+    """`seeded(renoise_seed(seed), device)`: a k-step rollout whose starting noise comes from
+    torch.Generator().manual_seed(seed) draws its re-noising inside this block from `seed` too, so what it samples
+    is a function of the network and `seed` alone."""
+    return seeded(renoise_seed(seed), device)
