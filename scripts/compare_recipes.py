@@ -91,7 +91,7 @@ def score_student(trainer, judge, seed: int, grid: Path | None = None) -> dict:
     """The table's figures of `trainer`'s EMA student as it stands: its own k-step rollout (`recipe.generate`) of
     898 fixed noises (`seed`), labels 0..9 in turn, scored by the judge; diversity; `recipe.diagnostics` where the
     recipe has it; 10 samples of each class drawn to `grid`. The rollout's re-noising draws (k > 1) come from a
-    stream of `seed` too (`renoise_seed`), so the figures are a function of the student and `seed` alone."""
+    stream of `seed` too (`seeded_renoising`), so the figures are a function of the student and `seed` alone."""
     from distill.base.imaging import save_grid
     from distill.base.seeding import seeded_renoising
 
